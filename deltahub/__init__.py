@@ -1,0 +1,32 @@
+"""deltahub: a registry, runtime and CLI for parameter-efficient adapters."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# Heavy parts (torch) load on first use, so `import deltahub` and the CLI stay fast.
+_LAZY = {
+    "Registry": "deltahub.registry",
+    "Version": "deltahub.registry",
+    "parse_ref": "deltahub.registry",
+    "Artifact": "deltahub.artifact",
+    "Manifest": "deltahub.artifact",
+}
+
+if TYPE_CHECKING:
+    from deltahub.artifact import Artifact, Manifest
+    from deltahub.registry import Registry, Version, parse_ref
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'deltahub' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = ["__version__", *_LAZY]

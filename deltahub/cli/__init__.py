@@ -1,0 +1,1 @@
+"""The deltahub command-line interface."""

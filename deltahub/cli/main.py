@@ -1,0 +1,33 @@
+"""The `deltahub` command: a Click group; each module in COMMAND_MODULES adds commands."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import click
+
+from deltahub import __version__
+
+# One line per command module; each exposes `register(cli)`.
+COMMAND_MODULES = [
+    "deltahub.cli.registry_cmds",
+]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="deltahub")
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False),
+    envvar="DELTAHUB_HOME",
+    help="Registry home (default $DELTAHUB_HOME, else ~/.deltahub).",
+)
+def cli(home: str | None) -> None:
+    """deltahub: publish, pull, activate, compose, fuse and diff adapters."""
+    if home:
+        os.environ["DELTAHUB_HOME"] = home
+
+
+for _module in COMMAND_MODULES:
+    importlib.import_module(_module).register(cli)

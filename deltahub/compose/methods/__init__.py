@@ -1,0 +1,1 @@
+"""deltahub.compose.methods"""

@@ -1,0 +1,91 @@
+"""The registry database: SQLite through sqlite-utils, WAL, schema by `Migrations`.
+
+Writes go through `write_transaction`, which takes the write lock up front with
+`BEGIN IMMEDIATE` so two publishers serialize instead of failing mid-transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlite_utils import Database, Migrations
+
+BUSY_TIMEOUT_S = 60.0
+
+migrations = Migrations("deltahub.registry")
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    db["versions"].create(
+        {
+            "id": int,
+            "full_name": str,
+            "namespace": str,
+            "name": str,
+            "version": str,
+            "seq": int,
+            "digest": str,
+            "method": str,
+            "base_model": str,
+            "base_fingerprint": str,
+            "task": str,
+            "description": str,
+            "license": str,
+            "metrics": str,
+            "parents": str,
+            "size": int,
+            "created": str,
+            "published": float,
+        },
+        pk="id",
+        not_null={"full_name", "name", "version", "seq", "digest", "method", "created"},
+    )
+    db["versions"].create_index(["full_name", "version"], unique=True)
+    db["versions"].create_index(["full_name", "seq"], unique=True)
+    db["versions"].create_index(["digest"])
+    db["files"].create(
+        {"version_id": int, "filename": str, "blob": str, "size": int},
+        pk=("version_id", "filename"),
+        foreign_keys=[("version_id", "versions", "id")],
+    )
+    db["files"].create_index(["blob"])
+    db["tags"].create(
+        {"full_name": str, "tag": str, "version_id": int, "updated": str},
+        pk=("full_name", "tag"),
+        foreign_keys=[("version_id", "versions", "id")],
+    )
+    db["versions"].enable_fts(["full_name", "description", "task", "method", "base_model"], create_triggers=True)
+
+
+def connect(path: Path) -> Database:
+    """Open (creating if needed) the registry database and apply pending migrations."""
+    conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+    if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    db = Database(conn, execute_plugins=False)
+    if migrations.pending(db):
+        # Concurrent first opens: take the write lock, then re-check under it.
+        with write_transaction(db):
+            migrations.apply(db)
+    return db
+
+
+@contextmanager
+def write_transaction(db: Database) -> Iterator[Database]:
+    """`BEGIN IMMEDIATE` ... `COMMIT`, rolled back on any exception."""
+    conn = db.conn
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    else:
+        conn.execute("COMMIT")
