@@ -41,12 +41,15 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: s
     from rich.console import Console
     from rich.table import Table
 
+    console = Console()
     table = Table(title=title, box=None, header_style="bold", pad_edge=False)
     for col in columns:
-        table.add_column(col)
+        table.add_column(col, no_wrap=True)
     for row in rows:
         table.add_row(*(_cell(row.get(col)) for col in columns))
-    Console(soft_wrap=True).print(table)
+    if not console.is_terminal:
+        console = Console(width=1000)  # never truncate in a pipe; the table keeps its natural width
+    console.print(table)
 
 
 def _cell(value: Any) -> str:

@@ -127,7 +127,12 @@ class Registry:
         parents: Iterable[af.Parent | dict[str, str]] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> Version:
-        """Validate an artifact directory and publish it as a new immutable version."""
+        """Validate an artifact directory and publish it as a new immutable version.
+
+        Descriptive fields not given here nor in the artifact's own manifest (task,
+        description, license, base model) carry over from the adapter's latest version, as
+        a package's metadata does from release to release. Metrics never carry over.
+        """
         artifact = path if isinstance(path, af.Artifact) else af.load_dir(path)
         check_name(name)
         if version is not None:
@@ -146,6 +151,11 @@ class Registry:
             "base_fingerprint": base_fingerprint,
             "license": license,
         }
+        if artifact.manifest is None:
+            previous = self._latest_manifest(name)
+            for key in ("task", "description", "license", "base_model"):
+                if overrides[key] is None and previous is not None and not getattr(manifest, key):
+                    overrides[key] = getattr(previous, key)
         manifest = replace(manifest, **{k: v for k, v in overrides.items() if v is not None})
         if metrics:
             manifest.metrics = {**manifest.metrics, **metrics}
@@ -239,6 +249,12 @@ class Registry:
         for tag in ("latest", *tags):
             self._set_tag(full_name, tag, version_id)
         return self._version(self._row_by_id(version_id))
+
+    def _latest_manifest(self, full_name: str) -> af.Manifest | None:
+        try:
+            return self.manifest(f"{full_name}@latest")
+        except NotFound:
+            return None
 
     def _next_int_version(self, full_name: str) -> str:
         rows = self.db.execute("select version from versions where full_name = ?", [full_name]).fetchall()
@@ -384,11 +400,14 @@ class Registry:
         # Quote each term so user punctuation cannot break FTS syntax; prefix-match the last.
         terms = [t.replace('"', "") for t in query.split() if t.replace('"', "")]
         fts = " ".join(f'"{t}"' for t in terms[:-1]) + (f' "{terms[-1]}"*' if terms else "")
+        # Match any version, report each adapter once: its newest matching version.
         sql = (
-            "select v.* from versions v join versions_fts f on f.rowid = v.id "
-            "where versions_fts match ? "
-            "and v.id in (select version_id from tags where tag = 'latest') "
-            "order by rank limit ?"
+            "select v.* from versions v join ("
+            "  select v2.full_name, max(v2.seq) as seq, min(f.rank) as best"
+            "  from versions v2 join versions_fts f on f.rowid = v2.id"
+            "  where versions_fts match ? group by v2.full_name"
+            ") m on m.full_name = v.full_name and m.seq = v.seq "
+            "order by m.best, v.full_name limit ?"
         )
         return [self._version(r) for r in self.db.query(sql, [fts.strip(), limit])]
 

@@ -1,0 +1,235 @@
+"""Registry commands: publish, list, search, show, tag, export, rm, verify, gc."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from deltahub.cli.output import handle_errors, json_option, parse_key_values, print_json, print_table
+
+LIST_COLUMNS = ("name", "version", "method", "task", "base_model", "tags", "digest", "created")
+
+
+def _registry() -> Any:
+    from deltahub.registry import Registry
+
+    return Registry()
+
+
+def _row(v: Any) -> dict[str, Any]:
+    d = v.to_dict()
+    d["digest"] = v.digest[:19]  # sha256: + 12 hex, enough to paste as a ref
+    d["tags"] = ",".join(v.tags)
+    d["created"] = v.created[:16].replace("T", " ")
+    return d
+
+
+def _print_versions(versions: list[Any], as_json: bool, empty: str) -> None:
+    if as_json:
+        print_json([v.to_dict() for v in versions])
+    elif not versions:
+        click.echo(empty)
+    else:
+        print_table([_row(v) for v in versions], LIST_COLUMNS)
+
+
+@click.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--name", required=True, help="Adapter name, [namespace/]name.")
+@click.option("--version", "version", help="Explicit version (default: the next integer).")
+@click.option("--tag", "tags", multiple=True, help="Tag to point at the new version (repeatable).")
+@click.option("--task", help="Task the adapter was trained for.")
+@click.option("--description", help="One-line description (searchable).")
+@click.option("--base-model", help="Base model id (default: from adapter_config.json).")
+@click.option("--license", "license_", help="License identifier, e.g. apache-2.0.")
+@click.option("--metric", "metrics", multiple=True, help="Metric as KEY=NUMBER (repeatable).")
+@json_option
+@handle_errors
+def publish(
+    directory: str,
+    name: str,
+    version: str | None,
+    tags: tuple[str, ...],
+    task: str | None,
+    description: str | None,
+    base_model: str | None,
+    license_: str | None,
+    metrics: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Validate an adapter DIRECTORY (ours or PEFT's) and publish it as a new version."""
+    v = _registry().publish(
+        directory,
+        name=name,
+        version=version,
+        tags=tags,
+        task=task,
+        description=description,
+        base_model=base_model,
+        license=license_,
+        metrics=parse_key_values(metrics, "--metric"),
+    )
+    if as_json:
+        print_json(v.to_dict())
+    else:
+        click.echo(f"published {v.ref} {v.digest}")
+
+
+@click.command(name="list")
+@click.option("--base-model", help="Only adapters for this base model id.")
+@click.option("--method", help="Only this method (lora, bottleneck, ...).")
+@click.option("--task", help="Only this task.")
+@click.option("--name", help="Only this adapter (use with --all for its versions).")
+@click.option("--all", "all_versions", is_flag=True, help="Every version, not just the latest of each.")
+@json_option
+@handle_errors
+def list_(
+    base_model: str | None,
+    method: str | None,
+    task: str | None,
+    name: str | None,
+    all_versions: bool,
+    as_json: bool,
+) -> None:
+    """List adapters in the local registry (latest version of each)."""
+    versions = _registry().list(
+        name=name, base_model=base_model, method=method, task=task, all_versions=all_versions
+    )
+    _print_versions(versions, as_json, "no adapters (publish one with `deltahub publish DIR --name NAME`)")
+
+
+@click.command()
+@click.argument("query")
+@click.option("--limit", default=50, show_default=True, help="At most this many results.")
+@json_option
+@handle_errors
+def search(query: str, limit: int, as_json: bool) -> None:
+    """Full-text search over names, descriptions, tasks, methods and base models."""
+    versions = _registry().search(query, limit=limit)
+    _print_versions(versions, as_json, f"nothing matches {query!r}")
+
+
+@click.command()
+@click.argument("ref")
+@click.option("--versions", "show_versions", is_flag=True, help="List every version of the adapter.")
+@json_option
+@handle_errors
+def show(ref: str, show_versions: bool, as_json: bool) -> None:
+    """Show one version (REF is name, name@3, name@tag or name@sha256:prefix)."""
+    registry = _registry()
+    if show_versions:
+        from deltahub.registry import parse_ref
+
+        _print_versions(registry.versions(parse_ref(ref).full_name), as_json, "")
+        return
+    v = registry.show(ref)
+    manifest = registry.manifest(v)
+    if as_json:
+        print_json({**v.to_dict(), "manifest": manifest.to_dict()})
+        return
+    fields = {
+        "ref": v.ref,
+        "digest": v.digest,
+        "method": v.method,
+        "base model": v.base_model,
+        "base fingerprint": v.base_fingerprint,
+        "task": v.task,
+        "description": v.description,
+        "license": v.license,
+        "tags": ", ".join(v.tags),
+        "metrics": ", ".join(f"{k}={val:.4g}" for k, val in sorted(v.metrics.items())),
+        "parents": ", ".join(f"{p['ref']} ({p['digest'][:19]})" for p in v.parents),
+        "created": v.created,
+        "size": f"{v.size:,} bytes",
+    }
+    width = max(map(len, fields))
+    for key, value in fields.items():
+        if value:
+            click.echo(f"{key:<{width}}  {value}")
+    for fname, digest in sorted(v.files.items()):
+        click.echo(f"{'file':<{width}}  {fname}  {digest[:19]}")
+
+
+@click.command()
+@click.argument("ref")
+@click.argument("tag")
+@click.option("--delete", is_flag=True, help="Remove TAG from the adapter named in REF instead.")
+@handle_errors
+def tag(ref: str, tag: str, delete: bool) -> None:
+    """Point TAG at the version REF resolves to (moving it atomically)."""
+    registry = _registry()
+    if delete:
+        from deltahub.registry import parse_ref
+
+        registry.untag(parse_ref(ref).full_name, tag)
+        click.echo(f"removed tag {tag}")
+    else:
+        v = registry.tag(ref, tag)
+        click.echo(f"{v.full_name}@{tag} -> {v.version}")
+
+
+@click.command()
+@click.argument("ref")
+@click.argument("directory", type=click.Path(file_okay=False))
+@handle_errors
+def export(ref: str, directory: str) -> None:
+    """Write a version out as an artifact DIRECTORY, byte-identical to what was published."""
+    path = _registry().export(ref, directory)
+    click.echo(f"exported {ref} to {path}")
+
+
+@click.command()
+@click.argument("ref")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@handle_errors
+def rm(ref: str, yes: bool) -> None:
+    """Remove one version (its blobs are reclaimed by `deltahub gc`)."""
+    registry = _registry()
+    v = registry.resolve(ref)
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"remove {v.ref} ({v.digest[:19]})?", abort=True)
+    registry.remove(v.ref)
+    click.echo(f"removed {v.ref}")
+
+
+@click.command()
+@json_option
+@handle_errors
+def verify(as_json: bool) -> None:
+    """Re-hash every blob and check every row; exit 1 if anything is wrong."""
+    report = _registry().verify()
+    if as_json:
+        print_json({"ok": report.ok, "versions": report.versions, "blobs": report.blobs, "problems": report.problems})
+    else:
+        for problem in report.problems:
+            click.echo(f"problem: {problem}")
+        status = "ok" if report.ok else f"{len(report.problems)} problem(s)"
+        click.echo(f"verified {report.versions} versions, {report.blobs} blobs: {status}")
+    if not report.ok:
+        sys.exit(1)
+
+
+@click.command()
+@click.option(
+    "--grace",
+    default=3600.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Keep unreferenced blobs younger than this many seconds (a publisher may still need them).",
+)
+@json_option
+@handle_errors
+def gc(grace: float, as_json: bool) -> None:
+    """Delete blobs no version references (older than the grace period)."""
+    report = _registry().gc(grace_seconds=grace)
+    if as_json:
+        print_json({"removed": report.removed, "bytes_freed": report.bytes_freed, "tmp_removed": report.tmp_removed})
+    else:
+        click.echo(f"removed {len(report.removed)} blobs ({report.bytes_freed:,} bytes), {report.tmp_removed} temp files")
+
+
+def register(cli: click.Group) -> None:
+    for command in (publish, list_, search, show, tag, export, rm, verify, gc):
+        cli.add_command(command)
