@@ -13,6 +13,7 @@ _LAZY = {
     "parse_ref": "deltahub.registry",
     "Artifact": "deltahub.artifact",
     "Manifest": "deltahub.artifact",
+    "diff": "deltahub.diff",
 }
 
 if TYPE_CHECKING:

@@ -12,6 +12,7 @@ from deltahub import __version__
 # One line per command module; each exposes `register(cli)`.
 COMMAND_MODULES = [
     "deltahub.cli.registry_cmds",
+    "deltahub.cli.diff_cmd",
 ]
 
 
