@@ -1,0 +1,134 @@
+"""The Hugging Face Hub's download routes, answered from a deltahub registry.
+
+With these, `huggingface_hub.snapshot_download(repo_id, revision=..., endpoint=URL)` and
+`PeftModel.from_pretrained(repo_id)` under `HF_ENDPOINT=URL` fetch adapters from a
+self-hosted deltahub. The mapping:
+
+    repo id      the adapter's full name (`ns/name`, or a bare `name`)
+    revision     a version, a tag or a digest; `main` means `latest`; a 40-hex commit hash
+                 is a prefix of the version digest (the Hub's commit ids are 40 hex digits)
+    token        the usual bearer token (`HF_TOKEN=dh_...`)
+
+    GET      /api/models/{repo}/revision/{rev}      repo info: "sha" (the commit), "siblings"
+    GET      /api/models/{repo}/tree/{rev}          the file listing snapshot_download reads
+    HEAD/GET /{repo}/resolve/{rev}/{filename}       file bytes, with the headers
+                                                    file_download.get_hf_file_metadata reads:
+                                                    X-Repo-Commit, ETag (the blob's sha256,
+                                                    as the Hub gives LFS files), Content-Length
+
+Errors carry `X-Error-Code` (RepoNotFound, RevisionNotFound, EntryNotFound) so the HF
+client raises its usual exception types.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from deltahub.errors import InvalidRef, NotFound
+from deltahub.registry.refs import check_name, parse_ref
+from deltahub.registry.registry import Version
+
+COMMIT_HEX = 40
+
+
+def commit_of(v: Version) -> str:
+    """The Hub-style 40-hex commit id of a version: a prefix of its digest."""
+    return v.digest.split(":", 1)[1][:COMMIT_HEX]
+
+
+def _resolve(request: Request) -> Version:
+    from deltahub.hub.server import HubNotFound, _state
+
+    hub = _state(request)
+    repo = request.path_params["repo"]
+    rev = request.path_params["rev"]
+    try:
+        check_name(repo)
+    except InvalidRef:
+        raise HubNotFound("RepoNotFound", f"{repo!r} is not an adapter name on this hub") from None
+    hub.authorize(request, "read", repo)
+    reg = hub.registry_for_thread()
+    if rev == "main":
+        selector = "latest"
+    elif len(rev) == COMMIT_HEX and all(c in "0123456789abcdef" for c in rev):
+        selector = "sha256:" + rev
+    else:
+        selector = rev
+    try:
+        ref = parse_ref(f"{repo}@{selector}")
+    except InvalidRef:
+        raise HubNotFound("RevisionNotFound", f"{rev!r} is not a version, tag or digest") from None
+    try:
+        reg.versions(repo)
+    except NotFound:
+        raise HubNotFound("RepoNotFound", f"no adapter named {repo!r} on this hub") from None
+    try:
+        return reg.resolve(ref)
+    except NotFound as e:
+        raise HubNotFound("RevisionNotFound", str(e)) from None
+
+
+def _sizes(request: Request, v: Version) -> dict[str, int]:
+    from deltahub.hub.server import _state
+
+    store = _state(request).store
+    return {f: store.path(d).stat().st_size for f, d in v.files.items()}
+
+
+def repo_info(request: Request) -> Response:
+    v = _resolve(request)
+    sizes = _sizes(request, v)
+    from deltahub.hub.server import _state
+
+    return JSONResponse(
+        {
+            "id": v.full_name,
+            "modelId": v.full_name,
+            "sha": commit_of(v),
+            "private": not _state(request).public_read,
+            "library_name": "peft" if v.method == "lora" else "deltahub",
+            "tags": ["deltahub", v.method, f"version:{v.version}"],
+            "siblings": [{"rfilename": f, "size": s} for f, s in sorted(sizes.items())],
+        }
+    )
+
+
+def repo_tree(request: Request) -> Response:
+    from deltahub.hub.server import HubNotFound
+
+    v = _resolve(request)
+    if request.path_params.get("sub"):
+        raise HubNotFound("EntryNotFound", f"{v.ref} has no folder {request.path_params['sub']!r}")
+    sizes = _sizes(request, v)
+    return JSONResponse(
+        [
+            {"type": "file", "path": f, "size": sizes[f], "oid": v.files[f].split(":", 1)[1][:COMMIT_HEX]}
+            for f in sorted(v.files)
+        ]
+    )
+
+
+def resolve_file(request: Request) -> Response:
+    from deltahub.hub.server import HubNotFound, _state, blob_response
+
+    v = _resolve(request)
+    filename = request.path_params["filename"]
+    headers = {"X-Repo-Commit": commit_of(v)}
+    if filename not in v.files:
+        raise HubNotFound(
+            "EntryNotFound",
+            f"{v.ref} has no file {filename!r} (it has {', '.join(sorted(v.files))})",
+            headers,
+        )
+    return blob_response(_state(request), v.files[filename], headers)
+
+
+def routes() -> list[BaseRoute]:
+    return [
+        Route("/api/models/{repo:path}/revision/{rev}", repo_info),
+        Route("/api/models/{repo:path}/tree/{rev}", repo_tree),
+        Route("/api/models/{repo:path}/tree/{rev}/{sub:path}", repo_tree),
+        Route("/{repo:path}/resolve/{rev}/{filename}", resolve_file, methods=["GET", "HEAD"]),
+    ]
