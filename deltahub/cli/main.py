@@ -13,6 +13,7 @@ from deltahub import __version__
 COMMAND_MODULES = [
     "deltahub.cli.registry_cmds",
     "deltahub.cli.diff_cmd",
+    "deltahub.cli.hub_cmds",
 ]
 
 

@@ -103,10 +103,17 @@ def list_(
 @click.command()
 @click.argument("query")
 @click.option("--limit", default=50, show_default=True, help="At most this many results.")
+@click.option("--remote", "remote_name", help="Search this hub remote instead of the local registry.")
 @json_option
 @handle_errors
-def search(query: str, limit: int, as_json: bool) -> None:
+def search(query: str, limit: int, remote_name: str | None, as_json: bool) -> None:
     """Full-text search over names, descriptions, tasks, methods and base models."""
+    if remote_name is not None:
+        from deltahub.hub.client import search_versions
+
+        versions = search_versions(query, remote_name)[:limit]
+        _print_versions(versions, as_json, f"nothing on {remote_name} matches {query!r}")
+        return
     versions = _registry().search(query, limit=limit)
     _print_versions(versions, as_json, f"nothing matches {query!r}")
 

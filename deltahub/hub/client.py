@@ -316,4 +316,17 @@ def search(
         return client.search(query)
 
 
-__all__ = ["HubClient", "pull", "push", "search"]
+def version_from_dict(d: dict[str, Any]) -> Version:
+    """A `Version` from a hub's JSON (its `to_dict()`), for the same tables as local ones."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(Version)} - {"id"}
+    return Version(**{k: v for k, v in d.items() if k in known})
+
+
+def search_versions(query: str, remote: str | Remote | HubClient | None = None) -> list[Version]:
+    """`search`, as `Version` objects."""
+    return [version_from_dict(d) for d in search(query, remote)]
+
+
+__all__ = ["HubClient", "pull", "push", "search", "search_versions", "version_from_dict"]
