@@ -1,0 +1,182 @@
+"""Loading a frozen base model, and its fingerprint.
+
+`load_base` returns a transformers model with every parameter frozen, in eval mode, on
+CUDA when one is present. Adapters are attached later by `AdaptedModel`, which never
+copies the base.
+
+The fingerprint identifies a base *architecture and weights layout*, not its numeric
+precision: it hashes the model config (minus keys that change with how the model was
+loaded: dtype, quantization, path, transformers version) and the parameter names with
+their *logical* shapes. A bitsandbytes `Linear4bit` stores its weight packed as
+(n, 1) uint8; its logical shape is (out_features, in_features), so a 4-bit and a
+full-precision copy of one base share a fingerprint and adapters move freely between
+them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltahub.errors import InvalidConfig, NotFound, Unsupported
+
+# Config keys that depend on how a model was loaded or saved, not on what it is.
+VOLATILE_CONFIG_KEYS = frozenset(
+    {
+        "torch_dtype",
+        "dtype",
+        "quantization_config",
+        "_name_or_path",
+        "transformers_version",
+        "_commit_hash",
+        "_attn_implementation",
+        "_attn_implementation_autoset",
+        "_attn_implementation_internal",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+    }
+)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise InvalidConfig(f"dtype {dtype!r} is not known; use one of {sorted(_DTYPES)}")
+
+
+def _model_class(config: Any) -> Any:
+    import transformers
+
+    archs = getattr(config, "architectures", None) or []
+    for arch in archs:
+        if arch.endswith(("ForCausalLM", "LMHeadModel")):
+            return transformers.AutoModelForCausalLM
+        if arch.endswith("ForSequenceClassification"):
+            return transformers.AutoModelForSequenceClassification
+    return transformers.AutoModel
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Turn off gradients everywhere and switch to eval mode (dropout off)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def load_base(
+    path_or_id: str | Path | nn.Module,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    quantize: str | None = None,
+    model_class: Any = None,
+) -> nn.Module:
+    """A frozen base model from a local directory, a hub id, or an already-built module.
+
+    The class comes from the config's `architectures` (causal LM, sequence
+    classification, else the bare `AutoModel`) unless `model_class` is given. The
+    fingerprint is stored as `model.deltahub_fingerprint`.
+    """
+    if quantize is not None:
+        raise Unsupported(
+            f"quantize={quantize!r} is not available yet; load the base in full precision (quantize=None)"
+        )
+    torch_dtype = _dtype(dtype)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(path_or_id, nn.Module):
+        model = path_or_id
+        if torch_dtype is not None:
+            model = model.to(torch_dtype)
+    else:
+        from transformers import AutoConfig
+
+        local = Path(path_or_id).expanduser()
+        is_local = local.exists()
+        if not is_local and (str(path_or_id).startswith((".", "/", "~")) or str(path_or_id).count("/") > 1):
+            raise NotFound(f"base model directory {path_or_id} does not exist")
+        source = str(local) if is_local else str(path_or_id)
+        try:
+            config = AutoConfig.from_pretrained(source, local_files_only=is_local)
+        except (OSError, ValueError) as e:
+            raise NotFound(f"cannot load a model config from {path_or_id!r}: {e}") from None
+        cls = model_class or _model_class(config)
+        kwargs: dict[str, Any] = {"local_files_only": is_local}
+        if torch_dtype is not None:
+            kwargs["dtype"] = torch_dtype
+        model = cls.from_pretrained(source, config=config, **kwargs)
+    model = freeze(model.to(device))
+    model.deltahub_fingerprint = fingerprint(model)  # type: ignore[assignment]
+    return model
+
+
+def _config_dict(model: nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    if config is None:
+        return {}
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+
+    def clean(d: Any) -> Any:
+        if isinstance(d, dict):
+            return {k: clean(v) for k, v in d.items() if k not in VOLATILE_CONFIG_KEYS}
+        if isinstance(d, (list, tuple)):
+            return [clean(v) for v in d]
+        if isinstance(d, torch.dtype):
+            return str(d)
+        return d
+
+    data = clean(data)
+    if isinstance(data.get("architectures"), list):
+        data["architectures"] = sorted(data["architectures"])
+    return data
+
+
+def logical_shape(module: nn.Module, param_name: str, param: torch.Tensor) -> tuple[int, ...]:
+    """The shape a parameter has in full precision (bitsandbytes packs 4-bit weights)."""
+    if param_name == "weight" and type(module).__name__ in (
+        "Linear4bit",
+        "Linear8bitLt",
+        "LinearNF4",
+        "LinearFP4",
+    ):
+        return (int(module.out_features), int(module.in_features))
+    return tuple(param.shape)
+
+
+def fingerprint(model: nn.Module) -> str:
+    """`sha256:<hex>` of the model's config (minus volatile keys) and parameter names/shapes."""
+    h = hashlib.sha256()
+    h.update(json.dumps(_config_dict(model), sort_keys=True, default=str).encode())
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            h.update(f"\n{full}:{list(logical_shape(module, p_name, p))}".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def fingerprint_of(model: nn.Module) -> str:
+    """The stored fingerprint, computed (and stored) on first use for a hand-built model."""
+    fp = getattr(model, "deltahub_fingerprint", None)
+    if not isinstance(fp, str):
+        fp = fingerprint(model)
+        model.deltahub_fingerprint = fp  # type: ignore[assignment]
+    return fp
