@@ -1,0 +1,177 @@
+"""Composition blocks: how several resident adapters act together.
+
+A composition is a small tree whose leaves are adapter names. At every base module that
+some adapter in the tree changes (a "site"), the tree is compiled once, at `activate`,
+into one function giving the change of that module's output. With `y0` the base
+module's output, `x` its input and d_i the change adapter i alone makes:
+
+- `Sum(a, b, weights=[w_a, w_b])`: y = y0 + sum_i w_i d_i. For LoRA and rsLoRA,
+  d_i = s_i B_i A_i x, so y = (W + sum_i w_i s_i B_i A_i) x + b, the exact weighted sum
+  of the deltas (each adapter keeps its own scaling s_i). For DoRA, d_i is the adapter's
+  whole output change, (m_i/n_i - 1) W x + (m_i/n_i) s_i B_i A_i x: Sum adds each DoRA
+  adapter's effect as if it alone were applied, rather than re-normalizing a summed
+  direction (which would not reduce to the adapter at one weight of 1).
+- `Average(a, b, weights=[...])`: a weighted average of the adapted outputs,
+  y = sum_i p_i (y0 + d_i) = y0 + sum_i p_i d_i with p = weights / sum(weights),
+  normalized exactly once at construction, so `Average(a, a) == a`. Default weights
+  are equal. Averaging happens at every site (as AdapterHub's `Average` block).
+- `Stack(a, b)`: apply a, then b on a's result. Serial bottleneck adapters read the
+  running output, so b sees a's output: y = y1 + f_b(y1), y1 = y0 + f_a(y0). LoRA (and
+  DoRA, and parallel bottleneck adapters) read the module input, which stacking does not
+  change; so on one module a stack of LoRAs equals their `Sum` with weights 1, i.e.
+  (W + Δ_a + Δ_b) x — the same as merging a into W and then applying b on top.
+- `Fuse(a, b, ...)`: learned AdapterFusion; a placeholder until the fusion part
+  provides its implementation (activating it raises `Unsupported`).
+
+Blocks nest (`Sum(Stack("a", "b"), "c")`). A weight on a nested block scales each delta
+inside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Union
+
+from torch import Tensor
+
+from deltahub.errors import InvalidConfig, Unsupported
+
+# (x, y_base, y_cur, scale, rows) -> change of the module output
+DeltaFn = Callable[[Tensor, Tensor, Tensor, float, Any], Tensor]
+Node = Union[str, "Block"]
+Lookup = Callable[[str, str], "DeltaFn | None"]  # (adapter name, site path) -> its delta there
+
+
+class Block:
+    """A node of a composition tree over adapter names."""
+
+    def __init__(self, *children: Node, weights: Sequence[float] | None = None) -> None:
+        if not children:
+            raise InvalidConfig(f"{type(self).__name__}() needs at least one adapter")
+        for child in children:
+            if not isinstance(child, (str, Block)):
+                raise InvalidConfig(
+                    f"{type(self).__name__} takes adapter names or blocks, got {type(child).__name__}"
+                )
+        self.children: tuple[Node, ...] = tuple(children)
+        if weights is None:
+            weights = [1.0] * len(children)
+        weights = [float(w) for w in weights]
+        if len(weights) != len(children):
+            raise InvalidConfig(
+                f"{type(self).__name__} got {len(weights)} weights for {len(children)} adapters; give one each"
+            )
+        self.weights: tuple[float, ...] = tuple(weights)
+
+    def names(self) -> list[str]:
+        """Adapter names in the tree, in order, without repeats."""
+        out: list[str] = []
+        for child in self.children:
+            for name in [child] if isinstance(child, str) else child.names():
+                if name not in out:
+                    out.append(name)
+        return out
+
+    def compile(self, path: str, lookup: Lookup) -> DeltaFn | None:
+        raise NotImplementedError
+
+    def _children(self, path: str, lookup: Lookup) -> list[tuple[float, DeltaFn]]:
+        out = []
+        for w, child in zip(self.weights, self.children, strict=True):
+            fn = lookup(child, path) if isinstance(child, str) else child.compile(path, lookup)
+            if fn is not None:
+                out.append((w, fn))
+        return out
+
+    def __repr__(self) -> str:
+        args = ", ".join(repr(c) for c in self.children)
+        return f"{type(self).__name__}({args}, weights={list(self.weights)})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.children == other.children and self.weights == other.weights  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.children, self.weights))
+
+
+class Sum(Block):
+    """y0 + sum_i w_i d_i: the exact weighted sum of the adapters' deltas (weights default 1)."""
+
+    def compile(self, path: str, lookup: Lookup) -> DeltaFn | None:
+        parts = self._children(path, lookup)
+        if not parts:
+            return None
+
+        def delta(x: Tensor, y_base: Tensor, y_cur: Tensor, scale: float, rows: Any) -> Tensor:
+            out = None
+            for w, fn in parts:
+                t = fn(x, y_base, y_cur, scale * w, rows)
+                out = t if out is None else out + t
+            return out  # type: ignore[return-value]
+
+        return delta
+
+
+class Average(Sum):
+    """The weighted average of the adapted outputs: weights normalized once, here."""
+
+    def __init__(self, *children: Node, weights: Sequence[float] | None = None) -> None:
+        super().__init__(*children, weights=weights)
+        total = sum(self.weights)
+        if total == 0:
+            raise InvalidConfig(
+                f"Average weights {list(self.weights)} sum to zero; they cannot be normalized"
+            )
+        self.weights = tuple(w / total for w in self.weights)
+
+
+class Stack(Block):
+    """Apply the children in order, each on the previous one's output (see module doc)."""
+
+    def __init__(self, *children: Node) -> None:
+        super().__init__(*children)
+
+    def compile(self, path: str, lookup: Lookup) -> DeltaFn | None:
+        parts = [fn for _, fn in self._children(path, lookup)]
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+
+        def delta(x: Tensor, y_base: Tensor, y_cur: Tensor, scale: float, rows: Any) -> Tensor:
+            cur, total = y_cur, None
+            for fn in parts:
+                t = fn(x, y_base, cur, scale, rows)
+                cur = cur + t
+                total = t if total is None else total + t
+            return total  # type: ignore[return-value]
+
+        return delta
+
+    def __repr__(self) -> str:
+        return f"Stack({', '.join(repr(c) for c in self.children)})"
+
+
+class Fuse(Block):
+    """AdapterFusion over the children's outputs (implemented by the fusion part)."""
+
+    def __init__(self, *children: Node, name: str | None = None) -> None:
+        super().__init__(*children)
+        self.name = name
+
+    def compile(self, path: str, lookup: Lookup) -> DeltaFn | None:
+        raise Unsupported(
+            f"Fuse({', '.join(map(repr, self.children))}) is not available yet: learned fusion "
+            "comes with deltahub.fusion; use Sum, Average or Stack meanwhile"
+        )
+
+
+def as_block(target: Node | Sequence[str]) -> Node:
+    """A name, a block, or a list of names (read as `Stack(*names)`)."""
+    if isinstance(target, (str, Block)):
+        return target
+    if isinstance(target, (list, tuple)) and target and all(isinstance(t, str) for t in target):
+        return target[0] if len(target) == 1 else Stack(*target)
+    raise InvalidConfig(
+        f"activate() takes an adapter name or a block (Stack/Sum/Average/Fuse), got {target!r}"
+    )

@@ -1,0 +1,330 @@
+"""`AdaptedModel`: many adapters resident on one frozen base, switched by pointer.
+
+    model = AdaptedModel(load_base("path/to/base"))
+    model.load("sentiment@2")                 # registry ref -> name "sentiment"
+    model.load("topic")
+    model.activate("sentiment")               # or Sum("sentiment", "topic", weights=[1, .5])
+    model(**batch).logits                     # the base's signature and outputs
+    model(**batch, adapter_names=["sentiment", "topic", None])   # one adapter per row
+
+The base is wrapped, never copied. Adapters live in their own modules (`get_adapter`);
+the base's modules stay where they are and keep their parameter names. Each module an
+adapter changes is a `Site`: activation compiles the composition at every site and
+installs the result as that module's `forward` (an instance attribute), so switching
+adapters copies no weight, and a deactivated model runs the plain base code.
+
+`merge(name)` folds a LoRA into the base weights, keeping a copy of each weight it
+changed so that `unmerge` restores the base bit for bit; merges unwind in reverse order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from deltahub import artifact as af
+from deltahub.compose.base import fingerprint_of
+from deltahub.compose.blocks import Block, DeltaFn, Node, as_block
+from deltahub.compose.inject import Site
+from deltahub.compose.methods import get_method
+from deltahub.compose.methods.common import AdapterModule
+from deltahub.compose.routing import Route, routed_forward
+from deltahub.errors import AlreadyExists, IncompatibleBase, InvalidConfig, NotFound, Unsupported
+
+
+def _block_forward(base_forward: Any, fn: DeltaFn) -> Any:
+    def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        y = base_forward(x, *args, **kwargs)
+        d = fn(x, y, y, 1.0, None)
+        if y.requires_grad or d.requires_grad or y.dtype != d.dtype:
+            return y + d.to(y.dtype)
+        return y.add_(d)
+
+    return forward
+
+
+class AdaptedModel(nn.Module):
+    """A frozen base plus resident adapters; calls pass through to the base."""
+
+    def __init__(self, base: nn.Module, registry: Any = None) -> None:
+        super().__init__()
+        self.base = base
+        self.adapter_modules = nn.ModuleDict()  # registered so .to()/.parameters() see them
+        self.registry = registry
+        self._adapters: dict[str, AdapterModule] = {}
+        self._keys: dict[str, str] = {}
+        self._digests: dict[str, str | None] = {}
+        self._sites: dict[str, Site] = {}
+        self._active: Node | None = None
+        self._active_paths: set[str] = set()
+        self._merged: list[tuple[str, dict[str, Tensor]]] = []
+        self._counter = 0
+        self.fingerprint = fingerprint_of(base)
+
+    # ------------------------------------------------------------------ pass-through
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("base"), name)
+
+    def forward(self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
+        if adapter_names is None:
+            return self.base(*args, **kwargs)
+        with self.routing(adapter_names):
+            return self.base(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
+        if adapter_names is None:
+            return self.base.generate(*args, **kwargs)
+        with self.routing(adapter_names):
+            return self.base.generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ resident adapters
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the resident adapters, in load order."""
+        return list(self._adapters)
+
+    @property
+    def active(self) -> Node | None:
+        return self._active
+
+    def get_adapter(self, name: str) -> AdapterModule:
+        try:
+            return self._adapters[name]
+        except KeyError:
+            raise NotFound(
+                f"no adapter {name!r} is loaded (loaded: {', '.join(self._adapters) or 'none'})"
+            ) from None
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """The parameters of one adapter (what a trainer optimizes)."""
+        return list(self.get_adapter(name).parameters())
+
+    def adapter_state_dict(self, name: str) -> dict[str, Tensor]:
+        """The adapter's tensors under its artifact key names (PEFT's, for LoRA)."""
+        return dict(self.get_adapter(name).tensors())
+
+    def adapter_config(self, name: str) -> dict[str, Any]:
+        return dict(self.get_adapter(name).config)
+
+    def _register(self, name: str, adapter: AdapterModule, digest: str | None) -> str:
+        if not isinstance(name, str) or not af.ADAPTER_NAME_RE.match(name.replace("/", "-")):
+            raise InvalidConfig(f"adapter name {name!r} must be letters, digits, '_', '.', '-' (and one '/')")
+        if name in self._adapters:
+            raise AlreadyExists(
+                f"an adapter named {name!r} is already loaded; unload it or pass another name"
+            )
+        self._counter += 1
+        key = f"a{self._counter}"
+        self.adapter_modules[key] = adapter
+        self._adapters[name], self._keys[name], self._digests[name] = adapter, key, digest
+        for path in adapter.paths:
+            if path not in self._sites:
+                self._sites[path] = Site(self.base.get_submodule(path), path)
+        adapter.attach(self.base)
+        return name
+
+    def add_adapter(self, name: str, config: dict[str, Any]) -> str:
+        """A fresh, trainable adapter (identity at init) from a config such as
+        `{"method": "lora", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}`
+        or `{"method": "bottleneck", "variant": "pfeiffer", "reduction_factor": 16}`."""
+        adapter = get_method(af.method_of(config)).create(self.base, config)
+        adapter.requires_grad_(True)
+        return self._register(name, adapter, None)
+
+    def load(self, ref: str, force: bool = False, name: str | None = None) -> str:
+        """Load a registry reference (`name`, `name@3`, `name@tag`, `name@sha256:...`); return its name.
+
+        Loading the same version again under the same name is a no-op.
+        """
+        registry = self.registry
+        if registry is None:
+            from deltahub.registry import Registry
+
+            registry = self.registry = Registry()
+        version = registry.resolve(ref)
+        name = name or version.full_name
+        if name in self._adapters and self._digests.get(name) == version.digest:
+            return name
+        artifact = registry.open(version)
+        return self._attach_artifact(artifact, name, version.ref, force, version.digest)
+
+    def load_path(self, path: str | Path, name: str, force: bool = False) -> str:
+        """Load an artifact directory (ours or a PEFT one) under `name`."""
+        return self._attach_artifact(af.load_dir(path), name, str(path), force, None)
+
+    def _attach_artifact(
+        self, artifact: af.Artifact, name: str, where: str, force: bool, digest: str | None
+    ) -> str:
+        if name in self._adapters:
+            raise AlreadyExists(
+                f"an adapter named {name!r} is already loaded (another version); unload it or pass name="
+            )
+        manifest = artifact.manifest
+        wanted = manifest.base_fingerprint if manifest else None
+        if wanted and wanted != self.fingerprint and not force:
+            raise IncompatibleBase(
+                f"{where} was built for base {manifest.base_model or '?'} with fingerprint {wanted[:19]}..., "
+                f"this base has {self.fingerprint[:19]}...; load it with force=True to skip this check"
+            )
+        from safetensors import safe_open
+
+        cls = get_method(artifact.method)
+        with safe_open(str(artifact.weights_path), framework="pt") as f:
+            adapter = cls.from_tensors(self.base, artifact.config, list(artifact.tensors), f.get_tensor, name)
+        adapter.requires_grad_(False)
+        return self._register(name, adapter, digest)
+
+    def save_adapter(self, name: str, directory: str | Path, manifest: af.Manifest | None = None) -> Path:
+        """Write the adapter as an artifact directory (for LoRA, one PEFT loads)."""
+        adapter = self.get_adapter(name)
+        if manifest is None:
+            base_id = getattr(getattr(self.base, "config", None), "_name_or_path", None) or None
+            manifest = af.Manifest(
+                name=name.rsplit("/", 1)[-1],
+                method=adapter.method,
+                base_model=base_id,
+                base_fingerprint=self.fingerprint,
+            )
+        return af.write_dir(directory, adapter.tensors(), adapter.config, manifest)
+
+    def unload(self, name: str) -> None:
+        """Remove a resident adapter (deactivating it first when it is active alone)."""
+        adapter = self.get_adapter(name)
+        if any(n == name for n, _ in self._merged):
+            raise Unsupported(f"adapter {name!r} is merged into the base; unmerge({name!r}) first")
+        if self._active is not None and name in _names(self._active):
+            if self._active != name:
+                raise Unsupported(
+                    f"adapter {name!r} is part of the active {self._active!r}; deactivate() first"
+                )
+            self.deactivate()
+        adapter.detach()
+        del self.adapter_modules[self._keys.pop(name)]
+        del self._adapters[name], self._digests[name]
+
+    # ------------------------------------------------------------------ activation
+
+    def _lookup(self, name: str, path: str) -> DeltaFn | None:
+        d = self.get_adapter(name).delta_at(path)
+        return None if d is None else d.delta
+
+    def _check_usable(self, names: list[str]) -> None:
+        for n in names:
+            self.get_adapter(n)
+            if any(n == m for m, _ in self._merged):
+                raise Unsupported(
+                    f"adapter {n!r} is merged into the base already; unmerge({n!r}) to activate it"
+                )
+
+    def activate(self, target: Node | Sequence[str]) -> None:
+        """Make an adapter name or a composition block (Stack/Sum/Average/Fuse) active."""
+        block = as_block(target)
+        names = _names(block)
+        self._check_usable(names)
+        paths = {p for n in names for p in self._adapters[n].paths}
+        fns: dict[str, Any] = {}
+        for path in paths:
+            site = self._sites[path]
+            if isinstance(block, str):
+                fns[path] = self._adapters[block].delta_at(path).single(site.base_forward)  # type: ignore[union-attr]
+            else:
+                fn = block.compile(path, self._lookup)
+                if fn is not None:
+                    fns[path] = _block_forward(site.base_forward, fn)
+        for path in self._active_paths - fns.keys():
+            self._sites[path].set(None)
+        for path, fn in fns.items():
+            self._sites[path].set(fn)
+        self._active, self._active_paths = block, set(fns)
+
+    def deactivate(self) -> None:
+        """Run the plain base (merged adapters stay merged)."""
+        for path in self._active_paths:
+            self._sites[path].set(None)
+        self._active, self._active_paths = None, set()
+
+    @contextlib.contextmanager
+    def routing(self, adapter_names: Sequence[str | None]) -> Iterator[Route]:
+        """Within the block, each row runs its own adapter (None: the base alone)."""
+        route = Route(adapter_names)
+        self._check_usable(route.keys)
+        adapters = [self._adapters[n] for n in route.keys]
+        paths = {p for a in adapters for p in a.paths}
+        saved = {p: self._sites[p].module.__dict__.get("forward") for p in paths | self._active_paths}
+        try:
+            for path in self._active_paths - paths:
+                self._sites[path].set(None)
+            for path in paths:
+                site = self._sites[path]
+                fns: list[DeltaFn | None] = []
+                for a in adapters:
+                    d = a.delta_at(path)
+                    fns.append(None if d is None else d.delta)
+                site.set(routed_forward(site.base_forward, fns, route))
+            yield route
+        finally:
+            for path, fn in saved.items():
+                site = self._sites[path]
+                if fn is None:
+                    site.set(None)
+                else:
+                    site.module.forward = fn
+
+    # ------------------------------------------------------------------ merging
+
+    def merge(self, name: str) -> None:
+        """Fold a LoRA adapter into the base weights (exactly undone by `unmerge`)."""
+        adapter = self.get_adapter(name)
+        if not adapter.mergeable:
+            raise Unsupported(f"adapter {name!r} ({adapter.method}) cannot be merged into the base weights")
+        self._check_usable([name])
+        if self._active is not None and name in _names(self._active):
+            if self._active != name:
+                raise Unsupported(
+                    f"adapter {name!r} is part of the active {self._active!r}; deactivate() first"
+                )
+            self.deactivate()
+        backups: dict[str, Tensor] = {}
+        try:
+            for path, layer in zip(adapter.paths, adapter.layers, strict=True):
+                backups[path] = layer.merge()  # type: ignore[operator]
+        except Exception:
+            for path, layer in zip(adapter.paths, adapter.layers, strict=True):
+                if path in backups:
+                    layer.unmerge(backups[path])  # type: ignore[operator]
+            raise
+        self._merged.append((name, backups))
+
+    def unmerge(self, name: str) -> None:
+        """Restore the base weights saved by `merge(name)`; merges unwind last-first."""
+        if not any(n == name for n, _ in self._merged):
+            raise NotFound(
+                f"adapter {name!r} is not merged (merged: {[n for n, _ in self._merged] or 'none'})"
+            )
+        last, backups = self._merged[-1]
+        if last != name:
+            raise Unsupported(f"unmerge {last!r} first: merges are undone in reverse order")
+        adapter = self._adapters[name]
+        for path, layer in zip(adapter.paths, adapter.layers, strict=True):
+            layer.unmerge(backups[path])  # type: ignore[operator]
+        self._merged.pop()
+
+    @property
+    def merged(self) -> list[str]:
+        return [n for n, _ in self._merged]
+
+
+def _names(node: Node) -> list[str]:
+    return [node] if isinstance(node, str) else node.names()
+
+
+__all__ = ["AdaptedModel", "Block"]

@@ -1,0 +1,93 @@
+"""Per-row routing: a different adapter for each row of one batch, in one forward pass.
+
+`model(**batch, adapter_names=["a", "b", None, ...])` groups the rows by adapter once,
+at the top level (`Route`), and every site reuses that grouping: it runs the base module
+on the whole batch, then, for each adapter, its delta on that adapter's rows only and
+adds it into those rows. Rows of one adapter that are contiguous are a slice (a view: no
+copy); otherwise an index tensor (`index_select` / `index_add_`). The base matmuls run
+once on the full batch, so the extra cost is the adapters' own small matmuls, split
+into per-adapter pieces.
+
+Generation may repeat each row k times (`num_beams`, `num_return_sequences`, as
+`repeat_interleave`); a site that sees k * n rows expands the grouping to match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from deltahub.compose.blocks import DeltaFn
+from deltahub.errors import InvalidConfig
+
+Rows = slice | Tensor
+
+
+class Route:
+    """Rows grouped by adapter: `keys[i]` is an adapter name, `groups(n)` its rows."""
+
+    def __init__(self, names: Sequence[str | None]) -> None:
+        if not isinstance(names, (list, tuple)) or not names:
+            raise InvalidConfig(
+                "adapter_names must be a non-empty list with one adapter name (or None) per row"
+            )
+        self.names = list(names)
+        self.keys: list[str] = [n for n in dict.fromkeys(names) if n is not None]
+        self._cache: dict[tuple[int, torch.device], list[tuple[int, Rows]]] = {}
+
+    def groups(self, batch: int, device: torch.device) -> list[tuple[int, Rows]]:
+        """[(index into keys, rows)] for a batch of `batch` rows on `device`."""
+        key = (batch, device)
+        found = self._cache.get(key)
+        if found is not None:
+            return found
+        n = len(self.names)
+        if batch % n:
+            raise InvalidConfig(f"adapter_names has {n} entries but the batch has {batch} rows")
+        k = batch // n
+        out: list[tuple[int, Rows]] = []
+        for i, name in enumerate(self.keys):
+            rows = [j for j, m in enumerate(self.names) if m == name]
+            if rows[-1] - rows[0] + 1 == len(rows):
+                out.append((i, slice(rows[0] * k, (rows[-1] + 1) * k)))
+            else:
+                idx = torch.tensor(rows, device=device)
+                if k > 1:
+                    idx = (idx[:, None] * k + torch.arange(k, device=device)).flatten()
+                out.append((i, idx))
+        self._cache[key] = out
+        return out
+
+
+def routed_forward(
+    base_forward: Callable[..., Tensor], fns: list[DeltaFn | None], route: Route
+) -> Callable[..., Tensor]:
+    """A site forward that adds each adapter's delta to its own rows."""
+
+    def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        y = base_forward(x, *args, **kwargs)
+        groups = route.groups(x.shape[0], x.device)
+        for i, rows in groups:
+            fn = fns[i]
+            if fn is None:
+                continue
+            if isinstance(rows, slice):
+                xg, yg = x[rows], y[rows]
+            else:
+                xg, yg = x.index_select(0, rows), y.index_select(0, rows)
+            d = fn(xg, yg, yg, 1.0, rows)
+            if not (y.requires_grad or d.requires_grad):
+                if isinstance(rows, slice):
+                    yg.add_(d)  # a view of y
+                else:
+                    y.index_add_(0, rows, d.to(y.dtype))
+            else:
+                if isinstance(rows, slice):
+                    rows = torch.arange(rows.start, rows.stop, device=y.device)
+                y = y.index_add(0, rows, d.to(y.dtype))
+        return y
+
+    return forward
