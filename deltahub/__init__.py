@@ -14,10 +14,19 @@ _LAZY = {
     "Artifact": "deltahub.artifact",
     "Manifest": "deltahub.artifact",
     "diff": "deltahub.diff",
+    "load_base": "deltahub.compose.base",
+    "AdaptedModel": "deltahub.compose.model",
+    "Stack": "deltahub.compose.blocks",
+    "Sum": "deltahub.compose.blocks",
+    "Average": "deltahub.compose.blocks",
+    "Fuse": "deltahub.compose.blocks",
 }
 
 if TYPE_CHECKING:
     from deltahub.artifact import Artifact, Manifest
+    from deltahub.compose.base import load_base
+    from deltahub.compose.blocks import Average, Fuse, Stack, Sum
+    from deltahub.compose.model import AdaptedModel
     from deltahub.registry import Registry, Version, parse_ref
 
 
