@@ -13,7 +13,9 @@ from deltahub import __version__
 COMMAND_MODULES = [
     "deltahub.cli.registry_cmds",
     "deltahub.cli.diff_cmd",
+    "deltahub.cli.merge_cmd",
     "deltahub.cli.hub_cmds",
+    "deltahub.cli.compose_cmds",
 ]
 
 
