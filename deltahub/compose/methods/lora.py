@@ -94,11 +94,11 @@ class LoraLayer(SiteDelta):
         self.lora_A = nn.Parameter(torch.empty(r, d_in, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(d_out, r, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init
+        self._norm: Tensor | None = None
+        self._norm_key: tuple[int, ...] = ()
         self.lora_magnitude_vector: nn.Parameter | None = None
         if use_dora:
             self.lora_magnitude_vector = nn.Parameter(self.weight_norm().clone())
-        self._norm: Tensor | None = None
-        self._norm_key: tuple[int, ...] = ()
 
     def delta_weight(self) -> Tensor:
         """s * B @ A, shaped (d_out, d_in)."""
