@@ -82,7 +82,8 @@ def published(home: Path, name: str = "team/alpha", seed: int = 0, **kw: object)
     """A registry at `home` with one version of `name` published from a fresh LoRA dir."""
     reg = Registry(home)
     src = home.parent / f"src-{name.replace('/', '-')}-{seed}"
-    reg.publish(lora_dir(src, seed), name, description=f"adapter {name} seed {seed}", **kw)  # type: ignore[arg-type]
+    kw.setdefault("description", f"adapter {name} seed {seed}")
+    reg.publish(lora_dir(src, seed), name, **kw)  # type: ignore[arg-type]
     return reg
 
 
