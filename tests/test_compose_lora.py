@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from deltahub import AdaptedModel, Average, Fuse, Stack, Sum, load_base
+from deltahub import AdaptedModel, Average, Stack, Sum, load_base
 from deltahub.errors import IncompatibleBase, Unsupported
 from tests.compose_helpers import TARGETS, ids, out_of, peft_dir, randomize, tiny
 
@@ -144,8 +144,6 @@ def test_stack_of_loras_is_their_sum_and_average_normalizes_once(tmp_path):
     model.activate(Stack("a", "b"))
     want = run(_dense(base, model, [("a", 1.0), ("b", 1.0)]), x)
     assert (run(model, x) - want).abs().max().item() <= TOL
-    with pytest.raises(Unsupported, match="fusion"):
-        model.activate(Fuse("a", "b"))
 
 
 def test_sum_of_one_dora_is_the_dora(tmp_path):
