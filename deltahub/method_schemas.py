@@ -20,6 +20,24 @@ Tensors, for each module `<site>` whose output the adapter changes:
 
     <site>.adapter_down.weight (b, d)   <site>.adapter_down.bias (b,)
     <site>.adapter_up.weight   (d, b)   <site>.adapter_up.bias   (d,)
+
+AdapterFusion (`"method": "fusion"`, see `deltahub.fusion.layer`), adapter_config.json:
+
+    {
+      "method": "fusion",
+      "adapters": ["sentiment", "topic"],   # the constituents' names (pinned by digest in
+                                            # the manifest's parents, role "constituent")
+      "temperature": 1.0                    # T in softmax(q . k / T)
+    }
+
+Tensors, for each fused module `<site>` of width d:
+
+    <site>.fusion_query.weight (d, d)   <site>.fusion_query.bias (d,)
+    <site>.fusion_key.weight   (d, d)   <site>.fusion_value.weight (d, d)
+
+Any method's artifact may also carry a trained task head (a classifier over the base's
+hidden states, see `deltahub.fusion.head`) as tensors named `deltahub_head.<param>`;
+method checkers and loaders skip them.
 """
 
 from __future__ import annotations
@@ -31,6 +49,7 @@ from deltahub.artifact import TensorInfo, register_config_checker
 from deltahub.errors import InvalidArtifact
 
 BOTTLENECK_VARIANTS = ("houlsby", "pfeiffer", "parallel")
+HEAD_PREFIX = "deltahub_head."  # task-head tensors stored beside any method's weights
 NON_LINEARITIES = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh")
 BOTTLENECK_PARTS = {
     "adapter_down.weight": 2,
@@ -129,6 +148,8 @@ def check_bottleneck_config(config: dict[str, Any], tensors: dict[str, TensorInf
     }
     sites: dict[str, set[str]] = {}
     for name, info in tensors.items():
+        if name.startswith(HEAD_PREFIX):
+            continue
         for part, shape in expected.items():
             if name.endswith("." + part):
                 site = name[: -len(part) - 1]
@@ -151,3 +172,77 @@ def check_bottleneck_config(config: dict[str, Any], tensors: dict[str, TensorInf
 
 
 register_config_checker("bottleneck", check_bottleneck_config)
+
+
+# --------------------------------------------------------------------------- fusion
+
+FUSION_PARTS = ("fusion_query.weight", "fusion_query.bias", "fusion_key.weight", "fusion_value.weight")
+
+
+@dataclass
+class FusionConfig:
+    """An AdapterFusion's config: which adapters it attends over, and the temperature."""
+
+    adapters: list[str]
+    temperature: float = 1.0
+    method: str = "fusion"
+
+    def __post_init__(self) -> None:
+        if self.method != "fusion":
+            raise _bad(f"method must be 'fusion', got {self.method!r}")
+        if (
+            not isinstance(self.adapters, list)
+            or not self.adapters
+            or not all(isinstance(a, str) and a for a in self.adapters)
+        ):
+            raise _bad(f"adapters must be a non-empty list of adapter names, got {self.adapters!r}")
+        if len(set(self.adapters)) != len(self.adapters):
+            raise _bad(f"adapters lists a name twice: {self.adapters!r}")
+        if not _is_num(self.temperature) or self.temperature <= 0:
+            raise _bad(f"temperature must be a positive number, got {self.temperature!r}")
+        self.temperature = float(self.temperature)
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> FusionConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(config) - known
+        if unknown:
+            raise _bad(f"unknown fusion config fields {sorted(unknown)} (known: {sorted(known)})")
+        try:
+            return cls(**config)
+        except TypeError as e:
+            raise _bad(str(e)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_fusion_config(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> None:
+    """Schema, and every site's Q (d, d) + bias (d,), K (d, d), V (d, d) with one d per site."""
+    FusionConfig.from_dict(config)
+    sites: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, info in tensors.items():
+        if name.startswith(HEAD_PREFIX):
+            continue
+        part = next((p for p in FUSION_PARTS if name.endswith("." + p)), None)
+        if part is None:
+            raise InvalidArtifact(
+                "config-shape", f"tensor {name!r} is not a fusion weight ({', '.join(FUSION_PARTS)})"
+            )
+        sites.setdefault(name[: -len(part) - 1], {})[part] = info.shape
+    if not sites:
+        raise InvalidArtifact("config-shape", "a fusion artifact needs at least one fused site")
+    for site, parts in sites.items():
+        missing = sorted(set(FUSION_PARTS) - set(parts))
+        if missing:
+            raise InvalidArtifact("shape-mismatch", f"fusion site {site} lacks {', '.join(missing)}")
+        d = parts["fusion_query.bias"][0] if len(parts["fusion_query.bias"]) == 1 else -1
+        for part, shape in parts.items():
+            want = (d,) if part.endswith("bias") else (d, d)
+            if d <= 0 or shape != want:
+                raise InvalidArtifact(
+                    "shape-mismatch", f"{site}.{part} has shape {list(shape)}, expected {list(want)}"
+                )
+
+
+register_config_checker("fusion", check_fusion_config)

@@ -20,8 +20,8 @@ module's output, `x` its input and d_i the change adapter i alone makes:
   DoRA, and parallel bottleneck adapters) read the module input, which stacking does not
   change; so on one module a stack of LoRAs equals their `Sum` with weights 1, i.e.
   (W + Δ_a + Δ_b) x — the same as merging a into W and then applying b on top.
-- `Fuse(a, b, ...)`: learned AdapterFusion; a placeholder until the fusion part
-  provides its implementation (activating it raises `Unsupported`).
+- `Fuse(a, b, ..., name=f)`: learned AdapterFusion with the resident fusion parameters
+  `f` (implemented in `deltahub.fusion.layer`).
 
 Blocks nest (`Sum(Stack("a", "b"), "c")`). A weight on a nested block scales each delta
 inside it.
@@ -34,7 +34,7 @@ from typing import Any, Union
 
 from torch import Tensor
 
-from deltahub.errors import InvalidConfig, Unsupported
+from deltahub.errors import InvalidConfig
 
 # (x, y_base, y_cur, scale, rows) -> change of the module output
 DeltaFn = Callable[[Tensor, Tensor, Tensor, float, Any], Tensor]
@@ -160,10 +160,9 @@ class Fuse(Block):
         self.name = name
 
     def compile(self, path: str, lookup: Lookup) -> DeltaFn | None:
-        raise Unsupported(
-            f"Fuse({', '.join(map(repr, self.children))}) is not available yet: learned fusion "
-            "comes with deltahub.fusion; use Sum, Average or Stack meanwhile"
-        )
+        from deltahub.fusion.layer import compile_fuse  # the fusion part owns the attention
+
+        return compile_fuse(self, path, lookup)
 
 
 def as_block(target: Node | Sequence[str]) -> Node:

@@ -34,6 +34,7 @@ from deltahub.compose.methods import get_method
 from deltahub.compose.methods.common import AdapterModule
 from deltahub.compose.routing import Route, routed_forward
 from deltahub.errors import AlreadyExists, IncompatibleBase, InvalidConfig, NotFound, Unsupported
+from deltahub.method_schemas import HEAD_PREFIX
 
 
 def _block_forward(base_forward: Any, fn: DeltaFn) -> Any:
@@ -73,7 +74,19 @@ class AdaptedModel(nn.Module):
         except AttributeError:
             return getattr(super().__getattr__("base"), name)
 
-    def forward(self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
+    def forward(
+        self,
+        *args: Any,
+        adapter_names: Sequence[str | None] | None = None,
+        return_fusion_attentions: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        if return_fusion_attentions:  # output gains `fusion_attentions` {fusion: {site: (B, T, N)}}
+            from deltahub.fusion.layer import forward_with_attentions
+
+            return forward_with_attentions(
+                self, lambda: self.forward(*args, adapter_names=adapter_names, **kwargs)
+            )
         if adapter_names is None:
             return self.base(*args, **kwargs)
         with self.routing(adapter_names):
@@ -178,8 +191,13 @@ class AdaptedModel(nn.Module):
         from safetensors import safe_open
 
         cls = get_method(artifact.method)
+        prepare = getattr(cls, "prepare_load", None)
+        if prepare is not None:  # a fusion loads its constituents (pinned by digest) first
+            prepare(self, artifact, self.registry)
+        # A trained task head rides along under HEAD_PREFIX (deltahub.fusion.head loads it).
+        keys = [k for k in artifact.tensors if not k.startswith(HEAD_PREFIX)]
         with safe_open(str(artifact.weights_path), framework="pt") as f:
-            adapter = cls.from_tensors(self.base, artifact.config, list(artifact.tensors), f.get_tensor, name)
+            adapter = cls.from_tensors(self.base, artifact.config, keys, f.get_tensor, name)
         adapter.requires_grad_(False)
         return self._register(name, adapter, digest)
 
@@ -227,6 +245,9 @@ class AdaptedModel(nn.Module):
 
     def activate(self, target: Node | Sequence[str]) -> None:
         """Make an adapter name or a composition block (Stack/Sum/Average/Fuse) active."""
+        if isinstance(target, str) and hasattr(self._adapters.get(target), "block"):
+            # A fusion activates as Fuse(its adapters, name=it).
+            target = self._adapters[target].block(target)  # type: ignore[operator]
         block = as_block(target)
         names = _names(block)
         self._check_usable(names)

@@ -1,0 +1,417 @@
+"""AdapterFusion over frozen adapters: bottleneck outputs and LoRA delta outputs.
+
+Pfeiffer, Kamath, Rücklé, Cho, Gurevych, 2021, "AdapterFusion: Non-Destructive Task
+Composition for Transfer Learning" (EACL). At every fused module ("site") of the base,
+with h the module's output (the hidden state that the serial adapters read, shape
+(B, T, d)) and z_n the change adapter n alone makes there:
+
+    q   = Q h + b_Q                                   query,  Q: (d, d)
+    k_n = K z_n                                       keys,   K: (d, d)
+    s   = softmax_n( q . k_n / T )                    attention over the N adapters
+    out = sum_n s_n V z_n                             values, V: (d, d), V = I at init
+
+and the module outputs h + out. V starts at the identity (plus ~1e-6 noise) and an L2
+penalty `lambda * sum ||V - I||^2` (`Fusion.regularization`) keeps it near it, so at
+init fusion is a softmax-weighted average of the adapters. A key bias would add q.b_K,
+the same for every n, which the softmax cancels, so K has none; a value bias would be a
+free shift of the module output, so V has none either. Per site that is 3 d^2 + d
+parameters (AdapterHub's `adapters` library: 3 d^2 + 3 d).
+
+What z_n is:
+
+- bottleneck adapter: z_n = s_n (W_up act(W_down h_n + b_down) + b_up), its output
+  (h_n = h for serial adapters, the feed-forward input for parallel ones);
+- LoRA: z_n = s_n B_n A_n x, its delta output at the target module (x the module's
+  input). Here the query is the base module's output.
+
+Both are affine in a small vector a_n (width r_n: the bottleneck size or the LoRA rank):
+z_n = W_n a_n + c_n with W_n = s_n W_up, a_n = act(W_down h_n + b_down), c_n = s_n b_up
+for a bottleneck adapter, and W_n = s_n B_n, a_n = A_n x, c_n = 0 for LoRA.
+
+Folded computation. Evaluating the formula directly costs (1 + 2N) d^2 per token: every
+z_n goes through K and V. Instead, once per forward (per optimizer step in training),
+
+    G_n = Q^T (K W_n)  (d, r_n)      g_n = Q^T K c_n  (d,)
+    r_n = (K W_n)^T b_Q  (r_n,)      e_n = b_Q . K c_n
+    U_n = V W_n  (d, r_n)            u_n = V c_n  (d,)
+
+and then per token
+
+    q . k_n = (h^T G_n + r_n) . a_n + h . g_n + e_n
+    out     = sum_n s_n (U_n a_n + u_n) = [s_1 a_1, ..., s_N a_N, s] @ [U_1 ... U_N u_1 ... u_N]^T
+
+so the per-token cost is O(d * sum_n r_n): it grows with the adapters' rank or
+bottleneck width, never with d x d. `FusionLayer.direct` is the formula as written, kept
+as the reference the tests compare against.
+
+An adapter the fusion cannot see inside (DoRA, a nested block) enters with W_n = I and
+a_n = z_n, which is the direct formula for that adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deltahub.compose.inject import is_linear, linear_dims
+from deltahub.compose.methods import register_method
+from deltahub.compose.methods.common import AdapterModule, SiteDelta
+from deltahub.errors import IncompatibleBase, InvalidArtifact, InvalidConfig, Unsupported
+from deltahub.method_schemas import FUSION_PARTS, FusionConfig
+
+DeltaFn = Callable[[Tensor, Tensor, Tensor, float, Any], Tensor]
+
+
+@dataclass
+class Part:
+    """One adapter's contribution at a site, in the affine form z = W a + c.
+
+    `a(x, y_base, y_cur, rows)` computes the small vector a (..., r). `affine()` returns
+    (W (d, r) or None for the identity, c (d,) or None), read at every forward so that a
+    trained (unfrozen) adapter is seen as it is now; `sources` are the tensors W and c
+    are made of (the inference cache's key).
+    """
+
+    a: Callable[[Tensor, Tensor, Tensor, Any], Tensor]
+    affine: Callable[[], tuple[Tensor | None, Tensor | None]]
+    sources: tuple[Tensor, ...] = ()
+    has_c: bool = False
+
+
+def _lora_part(layer: Any) -> Part:
+    def a(x: Tensor, y_base: Tensor, y_cur: Tensor, rows: Any) -> Tensor:
+        return F.linear(x.to(layer.lora_A.dtype), layer.lora_A)  # (..., r)
+
+    return Part(a, lambda: (layer.lora_B * layer.scaling, None), (layer.lora_B,))
+
+
+def _bottleneck_part(layer: Any) -> Part:
+    def a(x: Tensor, y_base: Tensor, y_cur: Tensor, rows: Any) -> Tensor:
+        h = y_cur
+        if layer.parallel:
+            h = x
+            if layer.input_module is not None:
+                h = layer._captured
+                if h is None:
+                    raise RuntimeError("parallel adapter ran before its FFN input was captured")
+                if rows is not None:
+                    h = h[rows] if isinstance(rows, slice) else h.index_select(0, rows)
+        return layer.act(layer.adapter_down(h))  # (..., b)
+
+    up = layer.adapter_up
+    return Part(a, lambda: (up.weight * layer.scaling, up.bias * layer.scaling), (up.weight, up.bias), True)
+
+
+def _opaque_part(fn: DeltaFn) -> Part:
+    def a(x: Tensor, y_base: Tensor, y_cur: Tensor, rows: Any) -> Tensor:
+        return fn(x, y_base, y_cur, 1.0, rows)  # z itself, (..., d)
+
+    return Part(a, lambda: (None, None))
+
+
+def part_of(fn: DeltaFn) -> Part:
+    """The affine form of a child's delta: folded for LoRA and bottleneck layers."""
+    layer = getattr(fn, "__self__", None)
+    kind = type(layer).__name__
+    if kind == "LoraLayer" and not layer.use_dora:  # type: ignore[union-attr]
+        return _lora_part(layer)
+    if kind == "BottleneckLayer":
+        return _bottleneck_part(layer)
+    return _opaque_part(fn)
+
+
+Folded = tuple[Tensor, Tensor, Tensor, Tensor]  # G (d, R), rv (R,), U (d, R), M (R, N)
+
+
+class FusionLayer(SiteDelta):
+    """Q, K, V of one site (module names as AdapterHub's: query, key, value)."""
+
+    def __init__(self, d: int, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.d = d
+        self.temperature = float(temperature)
+        self.fusion_query = nn.Linear(d, d)
+        self.fusion_key = nn.Linear(d, d, bias=False)
+        self.fusion_value = nn.Linear(d, d, bias=False)
+        nn.init.normal_(self.fusion_query.weight, std=0.02)  # BERT's init, as the paper's code
+        nn.init.zeros_(self.fusion_query.bias)
+        nn.init.normal_(self.fusion_key.weight, std=0.02)
+        with torch.no_grad():
+            self.fusion_value.weight.copy_(torch.eye(d) + 1e-6 * torch.randn(d, d))
+        self.record = False
+        self.last_attention: Tensor | None = None  # (..., N) when `record` is on
+        self.last_names: list[str] | None = None  # whose attention each of the N columns is
+        self._cache: tuple[Any, Folded] | None = None
+
+    # ------------------------------------------------------------------ the formula
+
+    def direct(self, h: Tensor, zs: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """out = sum_n s_n V z_n, s = softmax((Q h) . (K z_n) / T); returns (out, s)."""
+        q = self.fusion_query(h)  # (B, T, d)
+        k = torch.stack([self.fusion_key(z) for z in zs], dim=-2)  # (B, T, N, d)
+        v = torch.stack([self.fusion_value(z) for z in zs], dim=-2)  # (B, T, N, d)
+        s = torch.softmax((q.unsqueeze(-2) * k).sum(-1) / self.temperature, dim=-1)  # (B, T, N)
+        return (s.unsqueeze(-1) * v).sum(-2), s
+
+    # ------------------------------------------------------------------ folded
+
+    def _folded_weights(self, parts: list[Part]) -> Folded:
+        """G = [Q^T K W_n | Q^T K c_n]_n, rv = G's query-bias row, U = [V W_n | V c_n]_n and
+        M, the (R, N) 0/1 matrix that sums each adapter's R-columns into its score."""
+        Q, bq = self.fusion_query.weight, self.fusion_query.bias
+        K, V = self.fusion_key.weight, self.fusion_value.weight
+        KWs, Us, sizes = [], [], []
+        for p in parts:
+            W, c = p.affine()
+            if W is None:  # opaque: a_n is z_n itself, W_n = I
+                KWs.append(K)
+                Us.append(V)
+                sizes.append(self.d)
+                continue
+            cols = W.to(K.dtype)  # (d, r)
+            if c is not None:
+                cols = torch.cat([cols, c.to(K.dtype).unsqueeze(1)], dim=1)  # (d, r+1)
+            KWs.append(K @ cols)
+            Us.append(V @ cols)
+            sizes.append(cols.shape[1])
+        KW = torch.cat(KWs, dim=1)  # (d, R)
+        G = Q.t() @ KW  # (d, R)
+        rv = KW.t() @ bq  # (R,)
+        U = torch.cat(Us, dim=1)  # (d, R)
+        M = torch.zeros(sum(sizes), len(parts), dtype=K.dtype, device=K.device)
+        start = 0
+        for n, size in enumerate(sizes):
+            M[start : start + size, n] = 1.0
+            start += size
+        return G, rv, U, M
+
+    def _weights(self, parts: list[Part], key: Any) -> Folded:
+        # Without autograd the folded matrices depend only on unchanged tensors: reuse them.
+        if torch.is_grad_enabled() or key is None:
+            self._cache = None
+            return self._folded_weights(parts)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._folded_weights(parts))
+        return self._cache[1]
+
+    def folded(self, h: Tensor, parts: list[Part], a: list[Tensor], key: Any = None) -> tuple[Tensor, Tensor]:
+        """The same as `direct` on z_n = W_n a_n + c_n, at O(d R) per token; returns (out, s)."""
+        G, rv, U, M = self._weights(parts, key)
+        feats = []
+        for p, a_n in zip(parts, a, strict=True):
+            a_n = a_n.to(h.dtype)
+            if p.has_c:
+                a_n = torch.cat([a_n, a_n.new_ones(*a_n.shape[:-1], 1)], dim=-1)  # (..., r+1)
+            feats.append(a_n)
+        A = torch.cat(feats, dim=-1)  # (..., R)
+        scores = ((h @ G + rv) * A) @ M  # (..., N): q . k_n
+        s = torch.softmax(scores / self.temperature, dim=-1)  # (..., N)
+        out = (A * (s @ M.t())) @ U.t()  # (..., d): sum_n s_n V z_n
+        return out, s
+
+    # ------------------------------------------------------------------ as a site delta
+
+    def bind(self, parts: list[Part], names: list[str] | None = None) -> DeltaFn:
+        """The site's delta function fusing `parts` (the children present here, `names`)."""
+        key_tensors = [t for p in parts for t in p.sources]
+
+        def delta(x: Tensor, y_base: Tensor, y_cur: Tensor, scale: float, rows: Any) -> Tensor:
+            a = [p.a(x, y_base, y_cur, rows) for p in parts]
+            key = tuple((id(t), t._version) for t in [*key_tensors, *self.parameters()])
+            out, s = self.folded(y_cur, parts, a, key)
+            if self.record:
+                self.last_attention, self.last_names = s.detach(), names
+            return out * scale if scale != 1.0 else out
+
+        return delta
+
+    def delta(self, x: Tensor, y_base: Tensor, y_cur: Tensor, scale: float, rows: Any = None) -> Tensor:
+        raise Unsupported("a fusion runs over its adapters: activate Fuse(*adapters, name=<fusion>)")
+
+
+class Fusion(AdapterModule):
+    """The fusion parameters of every site, resident in an `AdaptedModel` like an adapter."""
+
+    method = "fusion"
+
+    @classmethod
+    def _build(cls, base: nn.Module, cfg: FusionConfig, sites: list[str]) -> Fusion:
+        width = getattr(getattr(base, "config", None), "hidden_size", None)
+        layers = []
+        for path in sites:
+            try:
+                module = base.get_submodule(path)
+            except AttributeError:
+                raise IncompatibleBase(
+                    f"fusion site {path!r} does not exist in {type(base).__name__}"
+                ) from None
+            d = linear_dims(module)[1] if is_linear(module) else width
+            if not isinstance(d, int):
+                raise IncompatibleBase(f"cannot tell the output width of fusion site {path!r}")
+            layer = FusionLayer(d, cfg.temperature)
+            ref = next(iter(module.parameters()), None)
+            if ref is not None and ref.is_floating_point():
+                layer.to(device=ref.device, dtype=ref.dtype)
+            layers.append(layer)
+        return cls(cfg.to_dict(), sites, layers)
+
+    @classmethod
+    def create(cls, base: nn.Module, config: dict[str, Any]) -> Fusion:
+        """Fresh fusion parameters at `config["sites"]` (see `deltahub.fusion.add_fusion`)."""
+        sites = config.get("sites")
+        if not isinstance(sites, list) or not sites or not all(isinstance(s, str) for s in sites):
+            raise InvalidConfig("a fusion config needs 'sites': the module paths its adapters change")
+        try:
+            cfg = FusionConfig.from_dict({k: v for k, v in config.items() if k != "sites"})
+        except InvalidArtifact as e:
+            raise InvalidConfig(str(e)) from None
+        return cls._build(base, cfg, list(dict.fromkeys(sites)))
+
+    @classmethod
+    def from_tensors(
+        cls,
+        base: nn.Module,
+        config: dict[str, Any],
+        keys: list[str],
+        get: Callable[[str], Tensor],
+        adapter: str,
+    ) -> Fusion:
+        cfg = FusionConfig.from_dict(config)
+        sites = list(dict.fromkeys(k.rsplit(".", 2)[0] for k in keys))
+        model = cls._build(base, cfg, sites)
+        expected = set(model.tensors())
+        if set(keys) != expected:
+            odd = sorted(set(keys) ^ expected)[0]
+            raise IncompatibleBase(f"fusion {adapter!r}: tensor {odd!r} does not fit this base")
+        with torch.no_grad():
+            for name, param in model.named_tensors().items():
+                t = get(name)
+                if tuple(t.shape) != tuple(param.shape):
+                    raise IncompatibleBase(
+                        f"fusion {adapter!r}: {name} is {list(t.shape)}, the base needs {list(param.shape)}"
+                    )
+                param.copy_(t)
+        model.requires_grad_(False)
+        return model
+
+    def named_tensors(self) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for path, layer in zip(self.paths, self.layers, strict=True):
+            for part in FUSION_PARTS:
+                module, attr = part.split(".")
+                out[f"{path}.{part}"] = getattr(getattr(layer, module), attr)
+        return out
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {k: v.detach() for k, v in self.named_tensors().items()}
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.config["adapters"])
+
+    def block(self, name: str) -> Any:
+        """`Fuse(*its adapters, name=name)`: what activating the fusion by name means."""
+        from deltahub.compose.blocks import Fuse
+
+        return Fuse(*self.adapter_names, name=name)
+
+    def regularization(self) -> Tensor:
+        """sum over sites of ||V - I||^2 (the paper's penalty keeping V near the identity)."""
+        total = None
+        for layer in self.layers:
+            V = layer.fusion_value.weight
+            t = ((V - torch.eye(V.shape[0], device=V.device, dtype=V.dtype)) ** 2).sum()
+            total = t if total is None else total + t
+        return total  # type: ignore[return-value]
+
+    def set_record(self, on: bool) -> None:
+        for layer in self.layers:
+            layer.record = on
+            layer.last_attention = None
+
+    @classmethod
+    def prepare_load(cls, model: Any, artifact: Any, registry: Any) -> None:
+        """Before the fusion's own tensors load: bring in its constituents, pinned by digest."""
+        from deltahub.fusion.artifact import load_constituents
+
+        load_constituents(model, artifact, registry)
+
+
+def compile_fuse(block: Any, path: str, lookup: Callable[[str, str], DeltaFn | None]) -> DeltaFn | None:
+    """`Fuse.compile`: the fused delta at one site, or None when no child changes it."""
+    if not block.name:
+        raise InvalidConfig(
+            f"Fuse({', '.join(map(repr, block.children))}) needs name=<a loaded fusion>: the fusion "
+            "parameters to use (train them with deltahub.fuse or `deltahub fuse`)"
+        )
+    children, names = [], []
+    for child in block.children:
+        fn = lookup(child, path) if isinstance(child, str) else child.compile(path, lookup)
+        if fn is not None:
+            children.append(fn)
+            names.append(child if isinstance(child, str) else repr(child))
+    if not children:
+        return None
+    try:
+        fusion_fn = lookup(block.name, path)
+    except Exception as e:  # NotFound from the model names the loaded adapters
+        raise type(e)(f"Fuse(name={block.name!r}): {e}") from None
+    layer = getattr(fusion_fn, "__self__", None)
+    if not isinstance(layer, FusionLayer):
+        raise IncompatibleBase(
+            f"{block.name!r} has no fusion parameters at {path!r}, which the fused adapters change; "
+            f"is it a fusion over these adapters ({', '.join(map(repr, block.children))})?"
+        )
+    return layer.bind([part_of(fn) for fn in children], names)
+
+
+def add_fusion(model: Any, name: str, adapters: list[str], temperature: float = 1.0) -> Fusion:
+    """Fresh, trainable fusion parameters over resident `adapters`, registered as `name`."""
+    if not adapters:
+        raise InvalidConfig("a fusion needs at least one adapter")
+    sites = list(dict.fromkeys(p for a in adapters for p in model.get_adapter(a).paths))
+    model.add_adapter(
+        name, {"method": "fusion", "adapters": list(adapters), "temperature": temperature, "sites": sites}
+    )
+    fusion = model.get_adapter(name)
+    return fusion  # type: ignore[no-any-return]
+
+
+def fusions(model: Any) -> dict[str, Fusion]:
+    """The resident fusions of an `AdaptedModel`, by name."""
+    return {n: a for n, a in ((n, model.get_adapter(n)) for n in model.adapters) if isinstance(a, Fusion)}
+
+
+def collect_attentions(model: Any) -> dict[str, dict[str, Tensor]]:
+    """{fusion name: {site: attention (..., N)}} recorded by the last forward."""
+    out: dict[str, dict[str, Tensor]] = {}
+    for name, fusion in fusions(model).items():
+        sites = {p: layer.last_attention for p, layer in zip(fusion.paths, fusion.layers, strict=True)}
+        out[name] = {p: s for p, s in sites.items() if s is not None}
+    return out
+
+
+def forward_with_attentions(model: Any, call: Callable[[], Any]) -> Any:
+    """Run `call()` with attention recording on; attach `fusion_attentions` to its output."""
+    active = fusions(model)
+    for fusion in active.values():
+        fusion.set_record(True)
+    try:
+        out = call()
+        att = collect_attentions(model)
+    finally:
+        for fusion in active.values():
+            fusion.set_record(False)
+    try:
+        out["fusion_attentions"] = att
+    except TypeError:
+        out = (*out, att) if isinstance(out, tuple) else out
+    return out
+
+
+register_method("fusion", Fusion)
