@@ -1,0 +1,230 @@
+"""Hub load test: N concurrent clients x P pushes and P pulls against one local server.
+
+The server is a real `deltahub serve` in its own process on 127.0.0.1; each client is a
+thread with its own home, registry and HTTP connection. Phase 1: every client pushes
+its own P small synthetic LoRA versions. Phase 2: every client pulls the P versions its
+neighbour pushed. Then: no errors, every version on the server (N x P), every pulled
+digest equal to its source, and `verify` clean on the server and on every client.
+
+The peer, in the same run on the same artifacts: the same copies between local homes
+without the network (`BlobStore.put_file` + `Registry.commit`), so the ratio is the cost
+of HTTP, auth and the server.
+
+    python bench/hub_bench.py --clients 16 --ops 25
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from deltahub import artifact as af
+from deltahub.hub.client import HubClient, pull, push
+from deltahub.hub.tokens import TokenStore
+from deltahub.registry import Registry
+
+
+def synthetic_lora(path: Path, seed: int, modules: int, hidden: int, r: int) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(modules):
+        tensors[f"base_model.model.layers.{i}.q_proj.lora_A.weight"] = torch.randn(r, hidden, generator=g)
+        tensors[f"base_model.model.layers.{i}.q_proj.lora_B.weight"] = torch.randn(hidden, r, generator=g)
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj"]}
+    return af.write_dir(path, tensors, config)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(home: Path, port: int) -> subprocess.Popen:
+    code = "from deltahub.cli.main import cli; cli()"
+    args = [
+        sys.executable,
+        "-c",
+        code,
+        "serve",
+        "--home",
+        str(home),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def run_phase(n: int, fn) -> tuple[float, list[BaseException]]:
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(n + 1)
+
+    def worker(i: int) -> None:
+        try:
+            barrier.wait()
+            fn(i)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0, errors
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--ops", type=int, default=25, help="pushes (and pulls) per client")
+    ap.add_argument("--modules", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
+    ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    n, p = args.clients, args.ops
+
+    root = Path(tempfile.mkdtemp(prefix="hub-bench-"))
+    try:
+        server_home = root / "server"
+        Registry(server_home).close()
+        token = TokenStore(server_home).create("write")[0]
+        homes = [root / f"client{i}" for i in range(n)]
+        print(f"preparing {n} x {p} synthetic adapters ...", flush=True)
+        digests: dict[str, str] = {}
+        for i, home in enumerate(homes):
+            reg = Registry(home)
+            for k in range(p):
+                src = synthetic_lora(
+                    root / "src" / f"{i}-{k}",
+                    seed=i * 1000 + k,
+                    modules=args.modules,
+                    hidden=args.hidden,
+                    r=args.rank,
+                )
+                v = reg.publish(src, f"bench/c{i}")
+                digests[v.ref] = v.digest
+            reg.close()
+        shutil.rmtree(root / "src")
+        version_bytes = Registry(homes[0]).resolve("bench/c0@1").size
+        total_mb = n * p * version_bytes / 1e6
+
+        port = free_port()
+        server = start_server(server_home, port)
+        url = f"http://127.0.0.1:{port}"
+        try:
+
+            def pusher(i: int) -> None:
+                reg = Registry(homes[i])
+                with HubClient(url, token) as client:
+                    for k in range(1, p + 1):
+                        push(f"bench/c{i}@{k}", client, reg)
+
+            def puller(i: int) -> None:
+                reg = Registry(homes[i])
+                j = (i + 1) % n
+                with HubClient(url, token) as client:
+                    for k in range(1, p + 1):
+                        v = pull(f"bench/c{j}@{k}", client, reg)
+                        if v.digest != digests[v.ref]:
+                            raise AssertionError(f"{v.ref}: pulled {v.digest}, pushed {digests[v.ref]}")
+
+            print(f"phase 1: {n} clients x {p} pushes ...", flush=True)
+            push_s, push_err = run_phase(n, pusher)
+            print(f"phase 2: {n} clients x {p} pulls ...", flush=True)
+            pull_s, pull_err = run_phase(n, puller)
+        finally:
+            server.terminate()
+            server.wait(30)
+
+        # The peer: the same 2 x N x P copies between homes, without HTTP.
+        local_homes = [root / f"local{i}" for i in range(n)]
+
+        def copy(src_home: Path, dst_home: Path, name: str) -> None:
+            src, dst = Registry(src_home), Registry(dst_home)
+            for k in range(1, p + 1):
+                v = src.resolve(f"{name}@{k}")
+                files = {f: dst.store.put_file(src.store.path(d))[0] for f, d in v.files.items()}
+                dst.commit(files)
+
+        local_push_s, e1 = run_phase(n, lambda i: copy(homes[i], local_homes[i], f"bench/c{i}"))
+        local_pull_s, e2 = run_phase(
+            n, lambda i: copy(homes[(i + 1) % n], local_homes[i], f"bench/c{(i + 1) % n}")
+        )
+
+        errors = push_err + pull_err + e1 + e2
+        server_reg = Registry(server_home)
+        on_server = len(server_reg.list(all_versions=True))
+        server_verify = server_reg.verify()
+        client_problems = sum(len(Registry(h).verify().problems) for h in homes)
+        leftovers = sum(len(list((h / "tmp").iterdir())) for h in [server_home, *homes])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    ok = not errors and on_server == n * p and server_verify.ok and client_problems == 0 and leftovers == 0
+    ops = n * p
+    lines = [
+        "## hub",
+        "",
+        f"Command: `python bench/hub_bench.py --clients {n} --ops {p}`",
+        f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), shared with other "
+        "engineers' work at the time; server (`deltahub serve`, uvicorn, one process) and clients on 127.0.0.1.",
+        "",
+        f"{n} concurrent clients (threads, one home and connection each) x {p} pushes, then x {p} pulls; "
+        f"synthetic LoRA versions of {version_bytes / 1e3:.0f} kB (3 blobs each). Peer: the same copies "
+        "between local homes without HTTP (`put_file` + `commit`).",
+        "",
+        "| phase | ops | time | ops/s | MB/s | local peer ops/s | hub / peer |",
+        "|---|---|---|---|---|---|---|",
+        f"| push | {ops} | {push_s:.1f} s | {ops / push_s:.0f} | {total_mb / push_s:.1f} | "
+        f"{ops / local_push_s:.0f} | {local_push_s / push_s:.2f} |",
+        f"| pull | {ops} | {pull_s:.1f} s | {ops / pull_s:.0f} | {total_mb / pull_s:.1f} | "
+        f"{ops / local_pull_s:.0f} | {local_pull_s / pull_s:.2f} |",
+        "",
+        f"Checks: errors {len(errors)}; versions on the server {on_server} of {ops}; server verify "
+        f"{'clean' if server_verify.ok else server_verify.problems[:3]}; client verify problems {client_problems}; "
+        f"pulled digests equal to pushed: {'yes' if not pull_err else 'no'}; files left in tmp/ {leftovers}. "
+        f"**{'PASS' if ok else 'FAIL'}**",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if errors:
+        print("first error:", repr(errors[0]))
+    if not args.no_write:
+        from bench_results import write_section
+
+        write_section(args.results, "hub", text)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
