@@ -14,6 +14,8 @@ _LAZY = {
     "Artifact": "deltahub.artifact",
     "Manifest": "deltahub.artifact",
     "diff": "deltahub.diff",
+    "train": "deltahub.fusion.train",
+    "fuse": "deltahub.fusion.train",
     "load_base": "deltahub.compose.base",
     "AdaptedModel": "deltahub.compose.model",
     "Stack": "deltahub.compose.blocks",

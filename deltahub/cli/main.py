@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "deltahub.cli.diff_cmd",
     "deltahub.cli.merge_cmd",
     "deltahub.cli.hub_cmds",
+    "deltahub.cli.train_cmds",
     "deltahub.cli.compose_cmds",
 ]
 

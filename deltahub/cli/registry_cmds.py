@@ -157,6 +157,9 @@ def show(ref: str, show_versions: bool, as_json: bool) -> None:
             click.echo(f"{key:<{width}}  {value}")
     for fname, digest in sorted(v.files.items()):
         click.echo(f"{'file':<{width}}  {fname}  {digest[:19]}")
+    attention = (manifest.extra.get("fusion") or {}).get("attention") or {}
+    for name, value in attention.items():  # a fusion: mean attention per adapter on the eval set
+        click.echo(f"{'attention':<{width}}  {name}  {value:.3f}")
 
 
 @click.command()

@@ -281,6 +281,10 @@ def _run(
             compute_metrics=compute_metrics if classification else None,
             callbacks=[keeper.callback()],
         )
+        if not progress:
+            from transformers.trainer_callback import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)  # it prints each epoch's logs on stdout
         out = trainer.train()
         keeper.restore()
         metrics: dict[str, float] = {
