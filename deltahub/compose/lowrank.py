@@ -125,3 +125,73 @@ def subspace_similarity(Ba: Tensor, Aa: Tensor, Bb: Tensor, Ab: Tensor, k: int |
         return 0.0
     overlap = Ua[:, :k].T @ Ub[:, :k]
     return float((overlap**2).sum() / k)
+
+
+# --------------------------------------------------------------------------- batched comparison
+
+
+def _entropy_rank(S: Tensor) -> Tensor:
+    """exp(H(sigma / sum sigma)) per row of S (n, k); 0 for an all-zero row."""
+    total = S.sum(-1, keepdim=True)
+    p = S / total.clamp_min(torch.finfo(S.dtype).tiny)
+    h = -torch.where(p > 0, p * p.clamp_min(torch.finfo(S.dtype).tiny).log(), torch.zeros_like(p)).sum(-1)
+    return torch.where(total.squeeze(-1) > 0, h.exp(), torch.zeros_like(h))
+
+
+def _numerical_rank(S: Tensor) -> Tensor:
+    """Per row: singular values above 1e-10 of the largest (the threshold `subspace_similarity` uses)."""
+    top = S.max(-1, keepdim=True).values
+    return ((top * 1e-10 < S) & (top > 0)).sum(-1)
+
+
+def compare_batch(Ba: Tensor, Aa: Tensor, Bb: Tensor, Ab: Tensor) -> dict[str, Tensor]:
+    """Compare n pairs of updates dW_a = B_a A_a and dW_b = B_b A_b at once; results are (n,).
+
+    Ba (n, d_out, ra), Aa (n, ra, d_in), Bb (n, d_out, rb), Ab (n, rb, d_in). Both
+    updates are written in one joint pair of orthonormal bases,
+
+        [B_a, B_b] = Q_B R_B,  [A_a^T, A_b^T] = Q_A R_A
+        dW_a = Q_B M_a Q_A^T,  M_a = R_B[:, :ra] R_A[:, :ra]^T   (likewise M_b)
+
+    so that every quantity is one of a small (ra+rb)^2 matrix: ||dW_a|| = ||M_a||,
+    ||dW_a - dW_b|| = ||M_a - M_b|| (no cancellation: the stacked-factor form of
+    `diff_norm`), <dW_a, dW_b> = <M_a, M_b>, singular values of M_a, and left singular
+    vectors U_a = Q_B U_Ma, whence the overlap U_a^T U_b = U_Ma^T U_Mb. Two QRs and two
+    small SVDs per batch: on CPU the per-call cost of many tiny factorizations
+    dominates, and a diff compares dozens of same-shaped modules.
+
+    Returns norm_a, norm_b, diff_norm, inner, cosine, effective_rank_a,
+    effective_rank_b and subspace_similarity (phi(k, k) of Hu et al. with k the smaller
+    numerical rank, as `subspace_similarity`), float64 tensors of shape (n,).
+    """
+    Ba, Aa, Bb, Ab = _f64(Ba), _f64(Aa), _f64(Bb), _f64(Ab)
+    ra = Ba.shape[-1]
+    _, RB = torch.linalg.qr(torch.cat([Ba, Bb], -1))  # (n, k, ra+rb)
+    _, RA = torch.linalg.qr(torch.cat([Aa, Ab], -2).mT)  # (n, k', ra+rb)
+    Ma = RB[..., :ra] @ RA[..., :ra].mT  # (n, k, k')
+    Mb = RB[..., ra:] @ RA[..., ra:].mT
+    Uma, Sa, _ = torch.linalg.svd(Ma, full_matrices=False)
+    Umb, Sb, _ = torch.linalg.svd(Mb, full_matrices=False)
+    norm_a = torch.linalg.matrix_norm(Ma)
+    norm_b = torch.linalg.matrix_norm(Mb)
+    inner_ab = (Ma * Mb).sum((-2, -1))
+    denom = norm_a * norm_b
+    cos = torch.where(
+        denom > 0, inner_ab / denom.clamp_min(torch.finfo(denom.dtype).tiny), torch.zeros_like(denom)
+    )
+    overlap = Uma.mT @ Umb  # (n, k, k) = U_a^T U_b
+    k = torch.minimum(_numerical_rank(Sa), _numerical_rank(Sb))  # (n,)
+    idx = torch.arange(overlap.shape[-1])
+    keep = idx.view(1, -1) < k.view(-1, 1)  # (n, k): the top-k directions of each row
+    mask = keep[:, :, None] & keep[:, None, :]
+    phi = (overlap.pow(2) * mask).sum((-2, -1)) / k.clamp_min(1)
+    return {
+        "norm_a": norm_a,
+        "norm_b": norm_b,
+        "diff_norm": torch.linalg.matrix_norm(Ma - Mb),
+        "inner": inner_ab,
+        "cosine": cos,
+        "effective_rank_a": _entropy_rank(Sa),
+        "effective_rank_b": _entropy_rank(Sb),
+        "subspace_similarity": torch.where(k > 0, phi, torch.zeros_like(phi)),
+    }

@@ -94,6 +94,29 @@ def _factors(w: Weights, m: LoraModule) -> tuple[Any, Any]:
     return B, A
 
 
+def _one_sided(name: str, m: LoraModule, w: Weights, side_a: bool) -> ModuleDiff:
+    """A module only one side has: removed (dW_b = 0, relative change 1) or added."""
+    B, A = _factors(w, m)
+    n = lowrank.norm(B, A)
+    er = lowrank.effective_rank(B, A)
+    return ModuleDiff(
+        module=name,
+        status="removed" if side_a else "added",
+        diff_norm=n,
+        relative_change=1.0 if side_a and n > 0 else (0.0 if n == 0 else None),
+        cosine=None,
+        subspace_similarity=None,
+        norm_a=n if side_a else None,
+        norm_b=None if side_a else n,
+        effective_rank_a=er if side_a else None,
+        effective_rank_b=None if side_a else er,
+        rank_a=m.rank if side_a else None,
+        rank_b=None if side_a else m.rank,
+        scaling_a=m.scaling if side_a else None,
+        scaling_b=None if side_a else m.scaling,
+    )
+
+
 def compare_modules(
     wa: Weights,
     ma: dict[str, LoraModule],
@@ -104,85 +127,82 @@ def compare_modules(
 ) -> list[ModuleDiff]:
     """One `ModuleDiff` per module of either side, sorted by change, largest first.
 
-    `unchanged` holds tensor names whose bytes are the same on both sides: a module whose
-    two factors and scaling are all unchanged has dW_a = dW_b exactly, so its difference
-    is 0.0 without floating-point residue.
+    Modules present on both sides are grouped by (d_out, d_in, r_a, r_b) and each group
+    goes through one batched `lowrank.compare_batch` call. `unchanged` holds tensor names
+    whose bytes are the same on both sides: a module whose two factors and scaling are
+    all unchanged has dW_a = dW_b exactly, so its difference is 0.0 with no
+    floating-point residue.
     """
+    import torch
+
     out: list[ModuleDiff] = []
+    groups: dict[tuple[int, ...], list[str]] = {}
     for name in sorted(set(ma) | set(mb)):
         a, b = ma.get(name), mb.get(name)
-        if a is None or b is None:
-            m = a if b is None else b
-            assert m is not None
-            B, A = _factors(wa if b is None else wb, m)
-            n = lowrank.norm(B, A)
-            er = lowrank.effective_rank(B, A)
-            side_a = b is None
+        if b is None:
+            out.append(_one_sided(name, a, wa, side_a=True))  # type: ignore[arg-type]
+        elif a is None:
+            out.append(_one_sided(name, b, wb, side_a=False))
+        elif a.shape != b.shape:
+            out.append(_reshaped(name, a, b, wa, wb))
+        else:
+            groups.setdefault((*a.shape, a.rank, b.rank), []).append(name)
+    for names in groups.values():
+        fa = [_factors(wa, ma[n]) for n in names]
+        fb = [_factors(wb, mb[n]) for n in names]
+        stats = lowrank.compare_batch(
+            torch.stack([B for B, _ in fa]),  # (n, d_out, r_a)
+            torch.stack([A for _, A in fa]),  # (n, r_a, d_in)
+            torch.stack([B for B, _ in fb]),
+            torch.stack([A for _, A in fb]),
+        )
+        for i, name in enumerate(names):
+            a, b = ma[name], mb[name]
+            row = {k: float(v[i]) for k, v in stats.items()}
+            same = {a.a_key, a.b_key} <= unchanged and a.scaling == b.scaling and a.a_key == b.a_key
+            na, d = row["norm_a"], 0.0 if same else row["diff_norm"]
+            rel = d / na if na > 0 else (0.0 if d == 0 else None)
             out.append(
                 ModuleDiff(
                     module=name,
-                    status="removed" if side_a else "added",
-                    diff_norm=n,
-                    relative_change=1.0 if side_a and n > 0 else (0.0 if n == 0 else None),
-                    cosine=None,
-                    subspace_similarity=None,
-                    norm_a=n if side_a else None,
-                    norm_b=None if side_a else n,
-                    effective_rank_a=er if side_a else None,
-                    effective_rank_b=None if side_a else er,
-                    rank_a=m.rank if side_a else None,
-                    rank_b=None if side_a else m.rank,
-                    scaling_a=m.scaling if side_a else None,
-                    scaling_b=None if side_a else m.scaling,
+                    status="changed" if rel is None or rel > tolerance else "unchanged",
+                    diff_norm=d,
+                    relative_change=rel,
+                    cosine=1.0 if same and na > 0 else row["cosine"],
+                    subspace_similarity=row["subspace_similarity"],
+                    norm_a=na,
+                    norm_b=row["norm_b"],
+                    effective_rank_a=row["effective_rank_a"],
+                    effective_rank_b=row["effective_rank_b"],
+                    rank_a=a.rank,
+                    rank_b=b.rank,
+                    scaling_a=a.scaling,
+                    scaling_b=b.scaling,
                 )
             )
-            continue
-        Ba, Aa = _factors(wa, a)
-        Bb, Ab = _factors(wb, b)
-        na, nb = lowrank.norm(Ba, Aa), lowrank.norm(Bb, Ab)
-        common = dict(
-            module=name,
-            norm_a=na,
-            norm_b=nb,
-            effective_rank_a=lowrank.effective_rank(Ba, Aa),
-            effective_rank_b=lowrank.effective_rank(Bb, Ab),
-            rank_a=a.rank,
-            rank_b=b.rank,
-            scaling_a=a.scaling,
-            scaling_b=b.scaling,
-        )
-        if a.shape != b.shape:
-            # dW of another shape cannot be subtracted: it counts as entirely replaced.
-            replaced = math.sqrt(na**2 + nb**2)
-            out.append(
-                ModuleDiff(
-                    status="reshaped",
-                    diff_norm=replaced,
-                    relative_change=None,
-                    cosine=None,
-                    subspace_similarity=None,
-                    **common,
-                )
-            )
-            continue
-        same = {a.a_key, a.b_key} <= unchanged and a.scaling == b.scaling and a.a_key == b.a_key
-        d = 0.0 if same else lowrank.diff_norm(Ba, Aa, Bb, Ab)
-        rel = d / na if na > 0 else (0.0 if d == 0 else None)
-        cos = (
-            1.0
-            if same and na > 0
-            else (lowrank.inner(Ba, Aa, Bb, Ab) / (na * nb) if na > 0 and nb > 0 else 0.0)
-        )
-        changed = rel is None or rel > tolerance
-        out.append(
-            ModuleDiff(
-                status="changed" if changed else "unchanged",
-                diff_norm=d,
-                relative_change=rel,
-                cosine=cos,
-                subspace_similarity=lowrank.subspace_similarity(Ba, Aa, Bb, Ab),
-                **common,
-            )
-        )
     out.sort(key=ModuleDiff.sort_key)
     return out
+
+
+def _reshaped(name: str, a: LoraModule, b: LoraModule, wa: Weights, wb: Weights) -> ModuleDiff:
+    """dW of another shape on each side (another base): it cannot be subtracted, so it
+    counts as entirely replaced."""
+    Ba, Aa = _factors(wa, a)
+    Bb, Ab = _factors(wb, b)
+    na, nb = lowrank.norm(Ba, Aa), lowrank.norm(Bb, Ab)
+    return ModuleDiff(
+        module=name,
+        status="reshaped",
+        diff_norm=math.sqrt(na**2 + nb**2),
+        relative_change=None,
+        cosine=None,
+        subspace_similarity=None,
+        norm_a=na,
+        norm_b=nb,
+        effective_rank_a=lowrank.effective_rank(Ba, Aa),
+        effective_rank_b=lowrank.effective_rank(Bb, Ab),
+        rank_a=a.rank,
+        rank_b=b.rank,
+        scaling_a=a.scaling,
+        scaling_b=b.scaling,
+    )
