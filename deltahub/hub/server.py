@@ -242,8 +242,11 @@ def list_adapters(request: Request) -> Response:
     info = hub.authorize(request, "read")
     reg = hub.registry_for_thread()
     q = request.query_params
+    limit = q.get("limit", "50")
+    if not limit.isdigit():
+        raise InvalidConfig(f"limit must be a positive integer, got {limit!r}")
     if q.get("q"):
-        found = reg.search(q["q"], limit=min(int(q.get("limit", 50)), 1000))
+        found = reg.search(q["q"], limit=min(int(limit), 1000))
     else:
         found = reg.list(
             base_model=q.get("base_model"), method=q.get("method"), task=q.get("task"), name=q.get("name")
