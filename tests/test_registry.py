@@ -209,3 +209,17 @@ def test_commit_is_idempotent_and_refuses_conflicts(lora_dir: Path, lora_dir_b: 
     assert "stable" in target.resolve("c@1").tags
     with pytest.raises(NotFound, match="blobs not in the store"):
         target.commit(other.files)
+
+
+def test_committing_an_older_version_does_not_move_latest(lora_dir: Path, lora_dir_b: Path, tmp_path: Path) -> None:
+    source = Registry(tmp_path / "source")
+    v1 = source.publish(lora_dir, name="p")
+    v2 = source.publish(lora_dir_b, name="p")
+    target = Registry(tmp_path / "target")
+    for v in (v2, v1):  # pull the newer first, then the older
+        for digest in v.files.values():
+            with source.store.open(digest) as f:
+                target.store.put_stream(f, expected=digest)
+        target.commit(v.files)
+    assert target.resolve("p").version == "2"
+    assert target.resolve("p@1").digest == v1.digest

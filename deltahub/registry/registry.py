@@ -70,6 +70,11 @@ class Version:
         return d
 
 
+def _version_key(version: str, created: str) -> tuple[int, int, str]:
+    """Order versions: integer versions numerically, others by creation time."""
+    return (1, int(version), created) if version.isdigit() else (0, 0, created)
+
+
 @dataclass
 class VerifyReport:
     versions: int
@@ -212,9 +217,26 @@ class Registry:
                 raise AlreadyExists(
                     f"{manifest.name}@{manifest.version} already exists with digest {row['digest']}, not {digest}"
                 )
-            return self._insert(manifest, blobs, tags)
+            current = self._latest_row(manifest.name)
+            # An imported older version (pulling name@1 beside name@2) must not pull `latest` back.
+            newer = current is None or _version_key(manifest.version, manifest.created) >= _version_key(
+                current["version"], current["created"]
+            )
+            return self._insert(manifest, blobs, tags, move_latest=newer)
 
-    def _insert(self, manifest: af.Manifest, blobs: dict[str, tuple[str, int]], tags: Sequence[str]) -> Version:
+    def _latest_row(self, full_name: str) -> dict[str, Any] | None:
+        found = self.db.execute(
+            "select version_id from tags where full_name = ? and tag = 'latest'", [full_name]
+        ).fetchone()
+        return self._row_by_id(found[0]) if found else None
+
+    def _insert(
+        self,
+        manifest: af.Manifest,
+        blobs: dict[str, tuple[str, int]],
+        tags: Sequence[str],
+        move_latest: bool = True,
+    ) -> Version:
         assert manifest.version is not None
         full_name = manifest.name
         ns, _ = check_name(full_name)
@@ -246,7 +268,7 @@ class Registry:
         self.db["files"].insert_all(
             {"version_id": version_id, "filename": f, "blob": d, "size": s} for f, (d, s) in blobs.items()
         )
-        for tag in ("latest", *tags):
+        for tag in ("latest", *tags) if move_latest else tags:
             self._set_tag(full_name, tag, version_id)
         return self._version(self._row_by_id(version_id))
 
