@@ -70,6 +70,16 @@ def rand_factors(shapes: dict[str, tuple[int, int, int]], seed: int) -> Factors:
     }
 
 
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    # Small dense oracles and factored math: intra-op threads only add contention on a
+    # shared 2-core runner (measured: 2 threads up to 10x slower there than 1).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def publish(path: Path, name: str, fingerprint: str = FP, **kwargs: Any) -> str:
     v = Registry().publish(path, name=name, base_fingerprint=fingerprint, **kwargs)
     return v.ref
@@ -502,3 +512,116 @@ def test_cli_bad_ref_is_one_line_error(two_versions: tuple[str, str], bad: str) 
     err = result.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("Error:"), result.stderr
     assert "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------- behavior (--base --probe)
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "hello", "world", "adapters", "are", "small", "fast"]
+PROBES = ["hello world", "adapters are small", "small fast adapters are hello"]
+
+
+def save_base(model: Any, path: Path) -> Path:
+    """A base directory with a tiny word-level tokenizer beside the weights."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+    model.save_pretrained(str(path))
+    fast.save_pretrained(str(path))
+    return path
+
+
+def peft_outputs(make_base: Any, adapter: Path, base_dir: Path) -> list[torch.Tensor]:
+    """PEFT's own outputs (logits, else last hidden states) per probe: the oracle."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    model = PeftModel.from_pretrained(make_base(), str(adapter)).eval()
+    outs = []
+    with torch.no_grad():
+        for text in PROBES:
+            batch = tok(text, return_tensors="pt")
+            if "token_type_ids" not in model.get_base_model().forward.__code__.co_varnames:
+                batch.pop("token_type_ids", None)
+            out = model(**batch)
+            outs.append((out.logits if hasattr(out, "logits") else out.last_hidden_state)[0].double())
+    return outs
+
+
+def test_behavior_kl_on_causal_lm(tmp_path: Path) -> None:
+    from deltahub.compose import load_base
+    from tests.helpers import peft_lora_dir, tiny_llama
+
+    base_dir = save_base(tiny_llama(), tmp_path / "base")
+    fp = load_base(str(base_dir), device="cpu").deltahub_fingerprint
+    a = peft_lora_dir(tmp_path / "a", seed=0, base=tiny_llama())
+    b = peft_lora_dir(tmp_path / "b", seed=1, base=tiny_llama())
+    probe = tmp_path / "probe.txt"
+    probe.write_text("\n".join(PROBES) + "\n\n")
+    ra, rb = publish(a, "lm", fp), publish(b, "lm", fp)
+
+    report = deltahub.diff(ra, rb, base=base_dir, probe=probe)
+    bh = report.behavior
+    assert bh is not None and bh.kind == "kl" and bh.inputs == 3
+    la, lb = peft_outputs(tiny_llama, a, base_dir), peft_outputs(tiny_llama, b, base_dir)
+    kls, differ, positions = [], 0, 0
+    for xa, xb in zip(la, lb, strict=True):
+        pa, pb = xa.log_softmax(-1), xb.log_softmax(-1)
+        kls.append((pa.exp() * (pa - pb)).sum(-1))
+        differ += int((xa.argmax(-1) != xb.argmax(-1)).sum())
+        positions += xa.shape[0]
+    expected = float(torch.cat(kls).mean())
+    assert expected > 1e-4  # the probe really separates the two versions
+    assert bh.positions == positions == 2 + 3 + 5
+    assert math.isclose(bh.mean_kl, expected, rel_tol=1e-3)
+    assert bh.top1_differ == differ
+
+    same = deltahub.diff(ra, ra, base=base_dir, probe=probe).behavior
+    assert same is not None and same.mean_kl == 0.0 and same.top1_differ == 0
+
+    result = CliRunner().invoke(cli, ["diff", ra, rb, "--base", str(base_dir), "--probe", str(probe)])
+    assert result.exit_code == 0, result.output
+    assert "behavior on 3 probe inputs: mean KL" in result.output
+
+
+def test_behavior_hidden_cosine_on_encoder(tmp_path: Path) -> None:
+    from transformers import BertConfig, BertModel
+
+    def bert() -> Any:
+        torch.manual_seed(0)
+        cfg = BertConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=128
+        )
+        return BertModel(cfg).eval()
+
+    from tests.helpers import peft_lora_dir
+
+    base_dir = save_base(bert(), tmp_path / "base")
+    a = peft_lora_dir(tmp_path / "a", seed=0, base=bert(), target_modules=("query", "value"))
+    b = peft_lora_dir(tmp_path / "b", seed=1, base=bert(), target_modules=("query", "value"))
+    probe = tmp_path / "probe.txt"
+    probe.write_text("\n".join(PROBES))
+    bh = deltahub.diff(str(a), str(b), base=base_dir, probe=probe).behavior
+    assert bh is not None and bh.kind == "hidden_cosine" and bh.top1_differ is None
+    ha, hb = peft_outputs(bert, a, base_dir), peft_outputs(bert, b, base_dir)
+    cos = torch.cat(
+        [torch.nn.functional.cosine_similarity(x, y, dim=-1) for x, y in zip(ha, hb, strict=True)]
+    )
+    assert bh.positions == cos.numel()
+    assert float(cos.mean()) < 0.9999
+    assert math.isclose(bh.mean_cosine, float(cos.mean()), rel_tol=1e-5)
+
+
+def test_behavior_errors(tmp_path: Path, base_factors: Factors) -> None:
+    from deltahub.errors import InvalidConfig
+
+    ra = publish(lora_dir(tmp_path / "a", base_factors, 4, 8), "x")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    with pytest.raises(InvalidConfig, match="no inputs"):
+        deltahub.diff(ra, ra, base=tmp_path, probe=empty)
+    result = CliRunner().invoke(cli, ["diff", ra, ra, "--probe", str(empty)])
+    assert result.exit_code != 0 and result.stderr.startswith("Error:")

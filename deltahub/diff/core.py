@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
@@ -28,13 +29,16 @@ from deltahub.errors import InvalidConfig, InvalidRef, NotFound
 Source = Union[str, "os.PathLike[str]", af.Artifact, Any]  # Any: a registry `Version`
 
 
-class _Opened:
-    """One side, opened: its artifact, identity, and the blob digest of its weights."""
+@dataclass
+class Opened:
+    """One side, opened: its artifact, identity, the blob digest of its weights, and where
+    it came from (a registry ref or a directory), so a model can load it again."""
 
-    def __init__(self, artifact: af.Artifact, side: Side, weights_blob: str | None) -> None:
-        self.artifact = artifact
-        self.side = side
-        self.weights_blob = weights_blob
+    artifact: af.Artifact
+    side: Side
+    weights_blob: str | None
+    ref: str | None = None
+    directory: Path | None = None
 
 
 def _side(artifact: af.Artifact, label: str, digest: str) -> Side:
@@ -43,17 +47,20 @@ def _side(artifact: af.Artifact, label: str, digest: str) -> Side:
     return Side(label, digest, artifact.method, base_model, m.base_fingerprint if m else None)
 
 
-def _open_artifact(artifact: af.Artifact, label: str | None = None) -> _Opened:
+def _open_artifact(artifact: af.Artifact, label: str | None = None) -> Opened:
     from deltahub.registry.store import sha256_file
 
     files = {name: sha256_file(path) for name, path in artifact.files.items()}
     if label is None:
         m = artifact.manifest
         label = f"{m.name}@{m.version}" if m and m.version else str(artifact.weights_path.parent)
-    return _Opened(artifact, _side(artifact, label, af.artifact_digest(files)), files[af.WEIGHTS_FILE])
+    parents = {p.parent for p in artifact.files.values()}
+    directory = parents.pop() if len(parents) == 1 else None
+    side = _side(artifact, label, af.artifact_digest(files))
+    return Opened(artifact, side, files[af.WEIGHTS_FILE], directory=directory)
 
 
-def _open(source: Source, registry: Callable[[], Any]) -> _Opened:
+def _open(source: Source, registry: Callable[[], Any]) -> Opened:
     from deltahub.registry import Version
 
     if isinstance(source, af.Artifact):
@@ -79,9 +86,10 @@ def _open(source: Source, registry: Callable[[], Any]) -> _Opened:
         raise
 
 
-def _open_version(reg: Any, version: Any) -> _Opened:
+def _open_version(reg: Any, version: Any) -> Opened:
     artifact = reg.open(version)
-    return _Opened(artifact, _side_from_version(artifact, version), version.files.get(af.WEIGHTS_FILE))
+    side = _side_from_version(artifact, version)
+    return Opened(artifact, side, version.files.get(af.WEIGHTS_FILE), ref=version.ref)
 
 
 def _side_from_version(artifact: af.Artifact, version: Any) -> Side:
@@ -138,19 +146,20 @@ def diff(
 
     try:
         oa, ob = _open(a, get_registry), _open(b, get_registry)
+        report = compare(oa, ob, tolerance)
+        report.top = top
+        if base is not None and probe is not None:
+            from deltahub.diff.behavior import behavior
+
+            report.behavior = behavior(oa, ob, base, probe, get_registry)
     finally:
         for reg in owned:
             reg.close()
-    report = compare(oa, ob, tolerance)
-    report.top = top
-    if base is not None and probe is not None:
-        from deltahub.diff.behavior import behavior
-
-        report.behavior = behavior(oa.artifact, ob.artifact, base, probe)
     return report
 
 
-def compare(oa: _Opened, ob: _Opened, tolerance: float) -> DiffReport:
+def compare(oa: Opened, ob: Opened, tolerance: float) -> DiffReport:
+    """The report for two opened sides (everything but behavior)."""
     art_a, art_b = oa.artifact, ob.artifact
     report = DiffReport(
         a=oa.side,
