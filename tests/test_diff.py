@@ -401,6 +401,43 @@ def test_non_lora_per_tensor_and_parents(tmp_path: Path, generic_method: str) ->
     assert close(report.relative_change, math.sqrt(num / den))
 
 
+def test_fusion_attention_and_constituent_changes(tmp_path: Path, base_factors: Factors) -> None:
+    """A real fusion artifact: attention-parameter changes, and which constituent moved."""
+    c1 = publish(lora_dir(tmp_path / "c1", base_factors, 4, 8), "c1")
+    c1_next = publish(lora_dir(tmp_path / "c1n", rand_factors(SHAPES, seed=8), 4, 8), "c1")
+    c2 = publish(lora_dir(tmp_path / "c2", rand_factors(SHAPES, seed=9), 4, 8), "c2")
+    reg = Registry()
+    g = torch.Generator().manual_seed(11)
+    site = "model.layers.0.self_attn.o_proj"
+    ta = {
+        f"{site}.fusion_query.weight": torch.randn(16, 16, generator=g),
+        f"{site}.fusion_query.bias": torch.zeros(16),
+        f"{site}.fusion_key.weight": torch.randn(16, 16, generator=g),
+        f"{site}.fusion_value.weight": torch.eye(16),
+    }
+    tb = {**ta, f"{site}.fusion_value.weight": torch.eye(16) + 0.01 * torch.randn(16, 16, generator=g)}
+
+    def fusion(path: Path, tensors: dict[str, torch.Tensor], refs: tuple[str, ...]) -> str:
+        config = {"method": "fusion", "adapters": [r.split("@")[0] for r in refs], "temperature": 1.0}
+        parents = [Parent(r, reg.resolve(r).digest, "constituent") for r in refs]
+        return publish(write_dir(path, tensors, config), "fused", parents=parents)
+
+    fa = fusion(tmp_path / "fa", ta, (c1, c2))
+    fb = fusion(tmp_path / "fb", tb, (c1_next, c2))
+    report = deltahub.diff(fa, fb)
+    assert report.verdict == "changed" and report.modules == []
+    assert report.tensor_names("changed") == [f"{site}.fusion_value.weight"]
+    t = report.tensors[[x.name for x in report.tensors].index(f"{site}.fusion_value.weight")]
+    a, b = ta[f"{site}.fusion_value.weight"].double(), tb[f"{site}.fusion_value.weight"].double()
+    assert close(t.relative_change, float((b - a).norm() / a.norm()))
+    assert [(p.name, p.status) for p in report.parents] == [("c1", "changed"), ("c2", "same")]
+    assert report.parents[0].digest_b == reg.resolve(c1_next).digest
+    d = report.to_dict()
+    assert d["parents"][0]["status"] == "changed"
+    result = CliRunner().invoke(cli, ["diff", fa, fb], catch_exceptions=False)
+    assert "parent c1 (constituent) changed" in result.output
+
+
 def test_non_lora_tolerance(tmp_path: Path, generic_method: str) -> None:
     ta = {"w": torch.ones(8, 8, dtype=torch.float64)}
     tb = {"w": torch.ones(8, 8, dtype=torch.float64) * (1 + 1e-9)}
