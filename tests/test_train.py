@@ -1,0 +1,228 @@
+"""Training data loading, `deltahub.train`/`fuse` end to end on tiny models, and the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
+from deltahub.cli.main import cli
+from deltahub.errors import InvalidConfig, NotFound
+from deltahub.fusion.data import IGNORE_INDEX, load_dataset, read_records
+from deltahub.fusion.train import fuse, load_task_model, train
+from deltahub.registry import Registry
+from tests import fusion_helpers as fh
+
+FAST = {"epochs": 4, "batch_size": 8, "lr": 3e-2, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def bert_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fh.bert_dir(tmp_path_factory.mktemp("bert") / "bert")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("data")
+    return {
+        "color": fh.color_task(d / "color.jsonl", n=48),
+        "color_eval": fh.color_task(d / "color_eval.jsonl", n=32, seed=1),
+        "animal": fh.animal_task(d / "animal.jsonl", n=48, seed=2),
+        "animal_eval": fh.animal_task(d / "animal_eval.jsonl", n=32, seed=3),
+    }
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_read_jsonl_and_csv_with_string_labels(tmp_path: Path) -> None:
+    tok = fh.tokenizer()
+    (tmp_path / "d.csv").write_text('text,label\n"the red cat",pos\n"a blue dog",neg\n')
+    ds = load_dataset(tmp_path / "d.csv", "classification", tok)
+    assert ds.label_map.labels == ["neg", "pos"]
+    assert [f["labels"] for f in ds.features] == [1, 0]
+    assert ds.features[0]["input_ids"] == tok("the red cat")["input_ids"]
+    assert ds.digest == "sha256:" + hashlib.sha256((tmp_path / "d.csv").read_bytes()).hexdigest()
+    fh.write_jsonl(tmp_path / "e.jsonl", [{"text": "red", "label": "pos"}, {"text": "red", "label": "maybe"}])
+    with pytest.raises(InvalidConfig, match=r"'maybe'.*does not occur in the training data"):
+        load_dataset(tmp_path / "e.jsonl", "classification", tok, label_map=ds.label_map)
+
+
+def test_clear_errors_for_bad_files(tmp_path: Path) -> None:
+    tok = fh.tokenizer()
+    fh.write_jsonl(
+        tmp_path / "a.jsonl", [{"text": "red cat", "label": "x"}, {"sentence": "dog", "label": "y"}]
+    )
+    with pytest.raises(InvalidConfig, match=r"row 2 lacks column 'text' \(it has: label, sentence\)"):
+        load_dataset(tmp_path / "a.jsonl", "classification", tok)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(InvalidConfig, match="has no examples"):
+        read_records(tmp_path / "empty.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"text": 1}\n{oops\n')
+    with pytest.raises(InvalidConfig, match=r"bad\.jsonl:2 is not valid JSON"):
+        read_records(tmp_path / "bad.jsonl")
+    with pytest.raises(NotFound):
+        read_records(tmp_path / "missing.jsonl")
+    fh.write_jsonl(tmp_path / "one.jsonl", [{"text": "red", "label": "x"}])
+    with pytest.raises(InvalidConfig, match="one label"):
+        load_dataset(tmp_path / "one.jsonl", "classification", tok)
+    fh.write_jsonl(tmp_path / "p.jsonl", [{"prompt": "red cat"}])
+    with pytest.raises(InvalidConfig, match="'completion'"):
+        load_dataset(tmp_path / "p.jsonl", "causal-lm", tok)
+
+
+def test_causal_lm_loss_only_on_the_completion(tmp_path: Path) -> None:
+    tok = fh.tokenizer()
+    fh.write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the red cat says", "completion": "yes"}])
+    (f,) = load_dataset(tmp_path / "p.jsonl", "causal-lm", tok).features
+    prompt = tok("the red cat says")["input_ids"]
+    assert f["input_ids"][: len(prompt)] == prompt
+    assert f["labels"][: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    assert f["labels"][len(prompt) :] == [tok.convert_tokens_to_ids("yes"), tok.eos_token_id]
+    fh.write_jsonl(tmp_path / "t.jsonl", [{"text": "the red cat"}])
+    (f,) = load_dataset(tmp_path / "t.jsonl", "causal-lm", tok).features
+    assert f["labels"] == f["input_ids"]
+
+
+# --------------------------------------------------------------------------- train
+
+
+@pytest.mark.parametrize("method", ["lora", "pfeiffer"])
+def test_train_lowers_loss_and_publishes_everything(
+    bert_path: Path, data: dict[str, Path], method: str
+) -> None:
+    registry = Registry()
+    result = train(
+        str(bert_path), str(data["color"]), eval_data=str(data["color_eval"]), name="color", method=method, r=4,
+        target_modules=["query", "value"], registry=registry, **FAST,
+    )  # fmt: skip
+    # Chance is 1/4 (loss ln 4 at init, the head starting near zero).
+    assert result.metrics["eval_loss"] < math.log(4) - 0.2
+    assert result.metrics["accuracy"] > 0.5
+    v = result.version
+    manifest = registry.manifest(v)
+    assert v.method == ("lora" if method == "lora" else "bottleneck") and v.task == "classification"
+    assert manifest.metrics["accuracy"] == result.metrics["accuracy"]
+    assert manifest.extra["hyperparameters"]["lr"] == FAST["lr"]
+    assert manifest.extra["hyperparameters"]["method"] == method
+    digest = "sha256:" + hashlib.sha256(data["color"].read_bytes()).hexdigest()
+    assert manifest.extra["data"]["train"] == {"path": "color.jsonl", "digest": digest, "examples": 48}
+    assert manifest.extra["head"]["labels"] == sorted(fh.COLORS)
+    assert manifest.base_fingerprint == result.model.model.fingerprint
+    artifact = registry.open(v)
+    with safe_open(str(artifact.weights_path), framework="pt") as f:
+        assert {"deltahub_head.classifier.weight", "deltahub_head.classifier.bias"} <= set(f.keys())
+
+    # Loaded back by name: same logits.
+    batch = torch.tensor([fh.tokenizer()("the red cat")["input_ids"]])
+    with torch.no_grad():
+        before = result.model(batch)["logits"]
+        after = load_task_model(str(bert_path), "color", registry=registry)(batch)["logits"]
+    assert torch.allclose(before, after, atol=1e-6)
+
+
+def test_training_is_deterministic_with_a_seed(
+    bert_path: Path, data: dict[str, Path], tmp_path: Path
+) -> None:
+    def run(seed: int, out: str) -> dict[str, torch.Tensor]:
+        r = train(
+            str(bert_path), str(data["color"]), name="c", method="lora", r=2, target_modules=["query"],
+            seed=seed, publish=False, output_dir=tmp_path / out, epochs=1, batch_size=8, lr=3e-2, progress=False,
+        )  # fmt: skip
+        with safe_open(str(r.path / "adapter_model.safetensors"), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+    a, b, c = run(1, "a"), run(1, "b"), run(2, "c")  # one epoch of 48 examples each
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_causal_lm_training_on_completions(tmp_path: Path) -> None:
+    base = fh.llama_dir(tmp_path / "llama")
+    rows = [
+        {"prompt": f"the {c} cat says", "completion": "yes" if c == "red" else "no"} for c in fh.COLORS
+    ] * 4
+    fh.write_jsonl(tmp_path / "p.jsonl", rows)
+    result = train(
+        str(base), str(tmp_path / "p.jsonl"), eval_data=str(tmp_path / "p.jsonl"), task="causal-lm",
+        name="says", method="lora", r=4, target_modules=["q_proj", "v_proj"], epochs=2, batch_size=4, lr=2e-2,
+        progress=False,
+    )  # fmt: skip
+    # The same loss with the adapter switched off: training must have lowered it.
+    from deltahub.fusion.data import Collator
+
+    tok = fh.tokenizer()
+    batch = Collator(tok.pad_token_id)(load_dataset(tmp_path / "p.jsonl", "causal-lm", tok).features)
+    result.model.model.deactivate()
+    with torch.no_grad():
+        base_loss = float(result.model(**batch)["loss"])
+    assert result.metrics["eval_loss"] < base_loss - 0.2
+    assert "accuracy" not in result.metrics
+    assert result.version.task == "causal-lm"
+
+
+def test_fuse_unfreeze_adapters_publishes_tuned_constituents(bert_path: Path, data: dict[str, Path]) -> None:
+    registry = Registry()
+    train(
+        str(bert_path), str(data["color"]), name="color", method="lora", r=4, target_modules=["query"],
+        registry=registry, **{**FAST, "epochs": 1},
+    )  # fmt: skip
+    result = fuse(
+        ["color"], str(bert_path), str(data["animal"]), name="fz", registry=registry, unfreeze_adapters=True,
+        epochs=1, batch_size=16, progress=False,
+    )  # fmt: skip
+    manifest = registry.manifest(result.version)
+    roles = {p.role: p.ref for p in manifest.parents}
+    assert roles == {"trained-from": "color@1", "constituent": "fz.color@1"}
+    tuned = registry.open("fz.color@1")
+    original = registry.open("color@1")
+    with (
+        safe_open(str(tuned.weights_path), framework="pt") as t,
+        safe_open(str(original.weights_path), "pt") as o,
+    ):
+        for key in t.keys():  # noqa: SIM118
+            assert not torch.equal(t.get_tensor(key), o.get_tensor(key)), key
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_train_fuse_show(bert_path: Path, data: dict[str, Path]) -> None:
+    runner = CliRunner()
+    common = ["--base", str(bert_path), "--epochs", "2", "--batch-size", "16", "--lr", "0.03", "--json"]
+    r = runner.invoke(
+        cli, ["train", "--method", "lora", "--r", "4", "--target-modules", "query,value", "--data",
+              str(data["color"]), "--name", "color", *common],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["ref"] == "color@1" and "train_loss" in out["metrics"]
+    r = runner.invoke(
+        cli, ["train", "--method", "houlsby", "--data", str(data["animal"]), "--name", "animal", *common]
+    )
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(
+        cli, ["fuse", "color", "animal", "--data", str(data["animal"]), "--eval", str(data["animal_eval"]),
+              "--name", "both", *common],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["ref"] == "both@1"
+    r = runner.invoke(cli, ["show", "both"])
+    assert r.exit_code == 0, r.output
+    lines = [line.split() for line in r.output.splitlines() if line.startswith("attention")]
+    assert sorted(line[1] for line in lines) == ["animal", "color"]
+    assert sum(float(line[2]) for line in lines) == pytest.approx(1.0, abs=2e-3)
+    assert "constituent" not in r.output or "color@1" in r.output
+
+    bad = Path(data["color"]).parent / "bad.jsonl"
+    fh.write_jsonl(bad, [{"sentence": "x", "label": "y"}])
+    r = runner.invoke(cli, ["train", "--data", str(bad), "--name", "x", *common])
+    assert r.exit_code == 2 and "lacks column 'text'" in r.output
+    r = runner.invoke(cli, ["fuse", "nope", "--data", str(data["animal"]), "--name", "y", *common])
+    assert r.exit_code == 4 and "nope" in r.output
