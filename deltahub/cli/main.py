@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "deltahub.cli.hub_cmds",
     "deltahub.cli.train_cmds",
     "deltahub.cli.compose_cmds",
+    "deltahub.cli.quickstart_cmd",
 ]
 
 
