@@ -218,6 +218,29 @@ def test_svd_low_rank_is_the_best_rank_k_approximation(loras, k):
         assert rel_err(got[module], d) > 1e-3
 
 
+@pytest.mark.parametrize("conditioning", ["well", "near-deficient", "deficient", "wide"])
+def test_low_rank_sum_is_eckart_young_on_both_paths(conditioning):
+    """The CholeskyQR fast path and the Householder QR fallback against a dense SVD."""
+    from deltahub.compose.merge import low_rank_sum
+
+    g = torch.Generator().manual_seed(0)
+    d_out = 12 if conditioning == "wide" else 40  # wide: R = 16 > d_out, Cholesky must fail
+    B1, A1 = torch.randn(d_out, 8, generator=g), torch.randn(8, 30, generator=g)
+    B2, A2 = torch.randn(d_out, 8, generator=g), torch.randn(8, 30, generator=g)
+    if conditioning == "near-deficient":
+        B2 = B1 + 1e-9 * B2  # condition number ~1e9: squaring it would lose everything
+    if conditioning == "deficient":
+        B2, A2 = B1, A1  # the same adapter twice: the stack has rank 8
+    terms = [(0.7, B1, A1), (-1.3, B2, A2)]
+    dense = sum(c * b.double() @ a.double() for c, b, a in terms)
+    U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
+    for k in (3, 16, 20):
+        Bk, Ak = low_rank_sum(terms, k)
+        assert Bk.shape == (d_out, k) and Ak.shape == (k, 30)
+        best = (U[:, :k] * S[:k]) @ Vh[:k]
+        assert rel_err(Bk @ Ak, best) <= 1e-8, k
+
+
 def test_negative_weights_negate_and_cancel(loras):
     reg = publish(loras, "rs")
     neg = merged_deltas(
