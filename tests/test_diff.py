@@ -662,3 +662,11 @@ def test_behavior_errors(tmp_path: Path, base_factors: Factors) -> None:
         deltahub.diff(ra, ra, base=tmp_path, probe=empty)
     result = CliRunner().invoke(cli, ["diff", ra, ra, "--probe", str(empty)])
     assert result.exit_code != 0 and result.stderr.startswith("Error:")
+
+
+def test_thread_setting_is_restored(tmp_path: Path, base_factors: Factors) -> None:
+    ra = publish(lora_dir(tmp_path / "a", base_factors, 4, 8), "x")
+    rb = publish(lora_dir(tmp_path / "b", rand_factors(SHAPES, seed=1), 4, 8), "x")
+    torch.set_num_threads(2)
+    assert deltahub.diff(ra, rb).verdict == "changed"
+    assert torch.get_num_threads() == 2
