@@ -248,6 +248,9 @@ def test_B_scaled_by_two_is_relative_change_one(tmp_path: Path, base_factors: Fa
     assert abs(report.relative_change - 1.0) < 1e-6
     assert sorted(report.tensor_names("changed")) == sorted(f"{PREFIX}{n}.lora_B.weight" for n in SHAPES)
     assert len(report.tensor_names("unchanged")) == len(SHAPES)  # every lora_A
+    for t in report.tensors:
+        if t.status == "changed":  # per-tensor numbers too: B_b = 2 B_a
+            assert abs(t.relative_change - 1.0) < 1e-6 and abs(t.cosine - 1.0) < 1e-6
 
 
 def test_rebalanced_factors_are_numerically_identical(tmp_path: Path, base_factors: Factors) -> None:

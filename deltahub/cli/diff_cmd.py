@@ -71,7 +71,10 @@ def render(report: Any, top: int) -> None:
         s: len(report.tensor_names(s)) for s in ("changed", "unchanged", "added", "removed", "reshaped")
     }
     console.print("tensors: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
-    for t in [t for t in report.tensors if t.status == "changed" and t.relative_change is not None][:top]:
+    # With LoRA modules the table above already says it per module; factors would repeat it.
+    numbered = [t for t in report.tensors if t.status == "changed" and t.relative_change is not None]
+    numbered.sort(key=lambda t: -t.relative_change)  # type: ignore[operator]
+    for t in [] if report.modules else numbered[:top]:
         console.print(
             f"  {escape(t.name)}: relative change {_num(t.relative_change)}, cosine {_num(t.cosine, '.3f')}"
         )

@@ -183,8 +183,7 @@ def compare(oa: Opened, ob: Opened, tolerance: float) -> DiffReport:
         ma = lora.lora_modules(art_a.config, art_a.tensors)
         mb = lora.lora_modules(art_b.config, art_b.tensors)
         factors = lora.factor_keys(ma) | lora.factor_keys(mb)
-        numeric = (set(art_a.tensors) | set(art_b.tensors)) - factors
-        report.tensors = compare_tensors(wa, wb, numeric, same_file)
+        report.tensors = compare_tensors(wa, wb, same_file)
         unchanged = set(report.tensor_names("unchanged"))
         report.modules = lora.compare_modules(wa, ma, wb, mb, unchanged, tolerance)
         num = sum(m.diff_norm**2 for m in report.modules)
@@ -196,7 +195,7 @@ def compare(oa: Opened, ob: Opened, tolerance: float) -> DiffReport:
             )
         others = [t for t in report.tensors if t.name not in factors]
     else:
-        report.tensors = compare_tensors(wa, wb, None, same_file)
+        report.tensors = compare_tensors(wa, wb, same_file)
         num, den = tensor_sums(wa, wb, report.tensors)
         others = report.tensors
         if art_a.method != art_b.method:

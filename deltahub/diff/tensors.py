@@ -14,7 +14,6 @@ import hashlib
 import math
 import mmap
 import struct
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -76,16 +75,12 @@ def _ratio(num: float, den: float) -> float:
     return 0.0 if num == 0 else math.inf
 
 
-def compare_tensors(
-    wa: Weights, wb: Weights, names: Iterable[str] | None = None, same_file: bool = False
-) -> list[TensorDiff]:
-    """Classify every tensor name of either side; numbers only for tensors whose bytes differ.
+def compare_tensors(wa: Weights, wb: Weights, same_file: bool = False) -> list[TensorDiff]:
+    """Classify every tensor name of either side; numbers for the tensors whose bytes differ.
 
-    `names` restricts the numeric comparison (LoRA factors are compared through dW
-    instead, so their loads are skipped here); `same_file` skips hashing when the two
-    weights files are already known to be the same blob.
+    `same_file` skips hashing when the two weights files are already known to be the
+    same blob.
     """
-    numeric = set(wa.infos) | set(wb.infos) if names is None else set(names)
     da = {} if same_file else wa.digests()
     db = {} if same_file else wb.digests()
     out: list[TensorDiff] = []
@@ -104,11 +99,10 @@ def compare_tensors(
             out.append(TensorDiff(name, "unchanged", ia.shape, ib.shape, ia.dtype, ib.dtype))
             continue
         t = TensorDiff(name, "changed", ia.shape, ib.shape, ia.dtype, ib.dtype)
-        if name in numeric:
-            na, nb, nd, dot = _numbers(wa.get(name), wb.get(name))
-            t.norm_a, t.norm_b, t.diff_norm = na, nb, nd
-            t.relative_change = _ratio(nd, na)
-            t.cosine = dot / (na * nb) if na > 0 and nb > 0 else 0.0
+        na, nb, nd, dot = _numbers(wa.get(name), wb.get(name))
+        t.norm_a, t.norm_b, t.diff_norm = na, nb, nd
+        t.relative_change = _ratio(nd, na)
+        t.cosine = dot / (na * nb) if na > 0 and nb > 0 else 0.0
         out.append(t)
     return out
 
