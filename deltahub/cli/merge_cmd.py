@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from deltahub.cli.output import handle_errors, json_option, print_json
+from deltahub.cli.output import handle_errors, json_option, print_json, progress
 
 METHOD_CHOICES = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
 
@@ -85,6 +85,7 @@ def register(cli: click.Group) -> None:
             majority_sign_method=majority_sign,
             tags=tags,
             description=description,
+            progress=lambda modules, n: progress(modules, f"{method} merge", total=n),
         )
         if as_json:
             print_json(version_.to_dict())

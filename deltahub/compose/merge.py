@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -62,6 +62,7 @@ from deltahub.errors import IncompatibleBase, InvalidConfig, Unsupported
 if TYPE_CHECKING:
     from deltahub.registry import Registry, Version
 
+Progress = Callable[[Iterable[str], int], Iterable[str]]  # (modules, count) -> same modules
 Method = Literal["linear", "cat", "svd", "ties", "dare_linear", "dare_ties"]
 METHODS: tuple[str, ...] = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
 SAME_RANK_METHODS = ("linear", "ties", "dare_linear", "dare_ties")
@@ -364,12 +365,14 @@ def merge_loras(
     rank: int | None = None,
     seed: int = 0,
     majority_sign_method: str = "total",
+    progress: Progress | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Merge PEFT LoRAs given as (adapter_config dict, state dict); return (tensors, config).
 
     `weights` defaults to 1.0 each (the plain sum). `density` (ties, dare_*) is the
     fraction of factor entries kept. `rank` (svd) defaults to the largest input rank.
-    Module shapes must agree (`IncompatibleBase`). See the module docstring for the math.
+    Module shapes must agree (`IncompatibleBase`). `progress`, if given, wraps the loop
+    over modules (a CLI progress bar). See the module docstring for the math.
     """
     weights = _check_options(len(loras), method, weights, density, rank, majority_sign_method)
     configs = [c for c, _ in loras]
@@ -390,7 +393,7 @@ def merge_loras(
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
-    for module in modules:
+    for module in progress(modules, len(modules)) if progress else modules:
         terms = [(w, p[module]) for w, p in zip(weights, parsed, strict=True) if module in p]
         shapes = {m.shape for _, m in terms}
         if len(shapes) > 1:
@@ -433,6 +436,7 @@ def merge_adapters(
     *,
     tags: Sequence[str] = (),
     description: str | None = None,
+    progress: Progress | None = None,
 ) -> Version:
     """Merge registry LoRA adapters into a new published version named `name`.
 
@@ -466,6 +470,7 @@ def merge_adapters(
         rank=rank,
         seed=seed,
         majority_sign_method=majority_sign_method,
+        progress=progress,
     )
     options = {
         "method": method,
