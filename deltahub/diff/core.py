@@ -23,7 +23,7 @@ from typing import Any, Union
 from deltahub import artifact as af
 from deltahub.diff import lora, meta
 from deltahub.diff.report import DiffReport, Side
-from deltahub.diff.tensors import Weights, compare_tensors, tensor_sums
+from deltahub.diff.tensors import Weights, compare_tensors, serial_torch, tensor_sums
 from deltahub.errors import InvalidConfig, InvalidRef, NotFound
 
 Source = Union[str, "os.PathLike[str]", af.Artifact, Any]  # Any: a registry `Version`
@@ -160,6 +160,11 @@ def diff(
 
 def compare(oa: Opened, ob: Opened, tolerance: float) -> DiffReport:
     """The report for two opened sides (everything but behavior)."""
+    with serial_torch():
+        return _compare(oa, ob, tolerance)
+
+
+def _compare(oa: Opened, ob: Opened, tolerance: float) -> DiffReport:
     art_a, art_b = oa.artifact, ob.artifact
     report = DiffReport(
         a=oa.side,

@@ -16,10 +16,8 @@ The scaling s follows PEFT: lora_alpha / r, or lora_alpha / sqrt(r) with use_rsl
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,27 +117,6 @@ def _one_sided(name: str, m: LoraModule, w: Weights, side_a: bool) -> ModuleDiff
     )
 
 
-@contextlib.contextmanager
-def serial_torch() -> Iterator[None]:
-    """Run the enclosed torch work on one intra-op thread, then restore the setting.
-
-    The factorizations here are latency-bound (d x 2r with r <= 64, and (2r)^2 SVDs): a
-    second thread saves little, and when other processes keep the cores busy every
-    parallel region waits for a scheduler wake-up. Measured on a shared 2-core machine
-    for the 56-module diff of bench/diff_bench.py: 3.4 s with 2 threads, 0.17 s with 1.
-    """
-    import torch
-
-    n = torch.get_num_threads()
-    if n > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if n > 1:
-            torch.set_num_threads(n)
-
-
 def compare_modules(
     wa: Weights,
     ma: dict[str, LoraModule],
@@ -156,8 +133,7 @@ def compare_modules(
     all unchanged has dW_a = dW_b exactly, so its difference is 0.0 with no
     floating-point residue.
     """
-    with serial_torch():
-        out = _compare_modules(wa, ma, wb, mb, unchanged, tolerance)
+    out = _compare_modules(wa, ma, wb, mb, unchanged, tolerance)
     out.sort(key=ModuleDiff.sort_key)
     return out
 
