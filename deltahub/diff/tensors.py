@@ -29,8 +29,9 @@ def serial_torch() -> Iterator[None]:
 
     A diff's torch work is many small latency-bound operations (per-tensor norms, d x 2r
     QRs with r <= 64, (2r)^2 SVDs): a second thread saves little, and when other
-    processes keep the cores busy every parallel region waits for a scheduler wake-up. Measured on a shared 2-core machine
-    for the 56-module diff of bench/diff_bench.py: 3.4 s with 2 threads, 0.17 s with 1.
+    processes keep the cores busy every parallel region waits for a scheduler wake-up.
+    Measured on a shared 2-core machine for the 56-module diff of bench/diff_bench.py:
+    3.4 s with 2 threads, 0.17 s with 1.
     """
     import torch
 
