@@ -41,6 +41,7 @@ VOLATILE_CONFIG_KEYS = frozenset(
         "output_attentions",
         "output_hidden_states",
         "return_dict",
+        "_pre_quantization_dtype",
     }
 )
 
@@ -89,24 +90,47 @@ def load_base(
     device: str | torch.device | None = None,
     quantize: str | None = None,
     model_class: Any = None,
+    compute_dtype: str | torch.dtype | None = None,
+    double_quant: bool = True,
 ) -> nn.Module:
     """A frozen base model from a local directory, a hub id, or an already-built module.
 
     The class comes from the config's `architectures` (causal LM, sequence
     classification, else the bare `AutoModel`) unless `model_class` is given. The
     fingerprint is stored as `model.deltahub_fingerprint`.
+
+    `quantize` ("nf4", "fp4" or "int8") stores the linear layers through bitsandbytes
+    (transformers' `BitsAndBytesConfig` for a path; `deltahub.compose.quant.quantize_module`
+    for a module, which is quantized in place); norms, embeddings and the output head
+    keep `dtype`. 4-bit matmuls run in `compute_dtype` (default: `dtype`, else bfloat16
+    on CUDA and float32 on CPU); `double_quant` also quantizes the 4-bit scales. The
+    fingerprint is that of the same base in full precision.
     """
-    if quantize is not None:
-        raise Unsupported(
-            f"quantize={quantize!r} is not available yet; load the base in full precision (quantize=None)"
-        )
     torch_dtype = _dtype(dtype)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    quant: Any = None
+    qdtype = torch.float32
+    if quantize is not None:
+        from deltahub.compose import quant
+
+        quant.check_quantize(quantize)
+        quant.bnb()  # a clear Unsupported now if bitsandbytes cannot load
+        qdtype = (
+            _dtype(compute_dtype)
+            or torch_dtype
+            or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+        )
+    fp = None
     if isinstance(path_or_id, nn.Module):
         model = path_or_id
         if torch_dtype is not None:
             model = model.to(torch_dtype)
+        if quant is not None:
+            if quant.is_quantized(model):
+                raise Unsupported("the module is quantized already; pass quantize=None to use it as it is")
+            fp = fingerprint(model)  # before: the full-precision layout is the logical one
+            quant.quantize_module(model.to(device), quantize, qdtype, double_quant)  # type: ignore[arg-type]
     else:
         from transformers import AutoConfig
 
@@ -123,10 +147,28 @@ def load_base(
         kwargs: dict[str, Any] = {"local_files_only": is_local}
         if torch_dtype is not None:
             kwargs["dtype"] = torch_dtype
+        if quant is not None:
+            kwargs["quantization_config"] = quant.bnb_config(quantize, qdtype, double_quant)  # type: ignore[arg-type]
+            kwargs["device_map"] = str(device)
         model = cls.from_pretrained(source, config=config, **kwargs)
-    model = freeze(model.to(device))
-    model.deltahub_fingerprint = fingerprint(model)  # type: ignore[assignment]
+        if quant is not None:
+            # Which quantized layers were GPT-2 Conv1Ds: from a weightless skeleton.
+            with torch.device("meta"):
+                skeleton = cls.from_config(config)
+            quant.mark_conv1d(model, skeleton)
+    if quant is None:
+        model = model.to(device)
+    model = freeze(model)
+    if quant is not None or _has_bnb(model):
+        from deltahub.compose import quant as q
+
+        q.guard_cpu_kernel(model, exact=quant is not None)
+    model.deltahub_fingerprint = fp or fingerprint(model)  # type: ignore[assignment]
     return model
+
+
+def _has_bnb(model: nn.Module) -> bool:
+    return any(type(m).__name__ in _BNB for m in model.modules())
 
 
 def _config_dict(model: nn.Module) -> dict[str, Any]:
@@ -150,14 +192,15 @@ def _config_dict(model: nn.Module) -> dict[str, Any]:
     return data
 
 
+_BNB = ("Linear4bit", "Linear8bitLt", "LinearNF4", "LinearFP4")
+
+
 def logical_shape(module: nn.Module, param_name: str, param: torch.Tensor) -> tuple[int, ...]:
-    """The shape a parameter has in full precision (bitsandbytes packs 4-bit weights)."""
-    if param_name == "weight" and type(module).__name__ in (
-        "Linear4bit",
-        "Linear8bitLt",
-        "LinearNF4",
-        "LinearFP4",
-    ):
+    """The shape a parameter has in full precision (bitsandbytes packs 4-bit weights;
+    a quantized GPT-2 `Conv1D` stored its weight (in, out))."""
+    if param_name == "weight" and type(module).__name__ in _BNB:
+        if getattr(module, "deltahub_conv1d", False):
+            return (int(module.in_features), int(module.out_features))
         return (int(module.out_features), int(module.in_features))
     return tuple(param.shape)
 

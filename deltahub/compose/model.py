@@ -15,6 +15,8 @@ adapters copies no weight, and a deactivated model runs the plain base code.
 
 `merge(name)` folds a LoRA into the base weights, keeping a copy of each weight it
 changed so that `unmerge` restores the base bit for bit; merges unwind in reverse order.
+On a quantized base merging requantizes (lossy), so it needs `allow_lossy=True` and
+returns a report of the output error it introduced (`deltahub.compose.quant`).
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from deltahub import artifact as af
 from deltahub.compose.base import fingerprint_of
 from deltahub.compose.blocks import Block, DeltaFn, Node, as_block
-from deltahub.compose.inject import Site
+from deltahub.compose.inject import Site, is_bnb_linear
 from deltahub.compose.methods import get_method
 from deltahub.compose.methods.common import AdapterModule
 from deltahub.compose.routing import Route, routed_forward
@@ -62,7 +65,8 @@ class AdaptedModel(nn.Module):
         self._sites: dict[str, Site] = {}
         self._active: Node | None = None
         self._active_paths: set[str] = set()
-        self._merged: list[tuple[str, dict[str, Tensor]]] = []
+        self._merged: list[tuple[str, dict[str, Any]]] = []
+        self.merge_reports: dict[str, Any] = {}  # name -> quant.MergeReport (quantized bases)
         self._counter = 0
         self.fingerprint = fingerprint_of(base)
 
@@ -302,19 +306,39 @@ class AdaptedModel(nn.Module):
 
     # ------------------------------------------------------------------ merging
 
-    def merge(self, name: str) -> None:
-        """Fold a LoRA adapter into the base weights (exactly undone by `unmerge`)."""
+    def merge(self, name: str, allow_lossy: bool = False, probe: dict[str, Tensor] | None = None) -> Any:
+        """Fold a LoRA adapter into the base weights (exactly undone by `unmerge`).
+
+        On a quantized base the merged weights are requantized, which changes the
+        outputs: that needs `allow_lossy=True`, and returns a `quant.MergeReport` (also
+        kept in `merge_reports[name]`) of the output change on `probe` (the model's
+        inputs; default: a seeded batch of random token ids). A full-precision base
+        returns None.
+        """
         adapter = self.get_adapter(name)
         if not adapter.mergeable:
             raise Unsupported(f"adapter {name!r} ({adapter.method}) cannot be merged into the base weights")
         self._check_usable([name])
+        quantized = [p for p in adapter.paths if is_bnb_linear(self.base.get_submodule(p))]
+        if quantized and not allow_lossy:
+            raise Unsupported(
+                f"merging {name!r} into this quantized base requantizes {len(quantized)} layers, which changes "
+                "its outputs; pass allow_lossy=True to merge anyway (you get a report of the error), keep the "
+                f"adapter unmerged, or export a full-precision merged model (`deltahub export REF --merged --base PATH OUT`)"
+            )
         if self._active is not None and name in _names(self._active):
             if self._active != name:
                 raise Unsupported(
                     f"adapter {name!r} is part of the active {self._active!r}; deactivate() first"
                 )
             self.deactivate()
-        backups: dict[str, Tensor] = {}
+        before = inputs = None
+        if quantized:
+            from deltahub.compose import quant
+
+            inputs = probe if probe is not None else quant.default_probe(self.base)
+            before = self._probe(inputs, name)
+        backups: dict[str, Any] = {}
         try:
             for path, layer in zip(adapter.paths, adapter.layers, strict=True):
                 backups[path] = layer.merge()  # type: ignore[operator]
@@ -324,6 +348,35 @@ class AdaptedModel(nn.Module):
                     layer.unmerge(backups[path])  # type: ignore[operator]
             raise
         self._merged.append((name, backups))
+        if before is None:
+            return None
+        after = self._probe(inputs, None)  # type: ignore[arg-type]
+        diff = (after.float() - before.float()).abs()
+        report = quant.MergeReport(
+            adapter=name,
+            quantization=quant.quantization_of(self.base) or "?",
+            layers=len(quantized),
+            max_abs=float(diff.max()),
+            mean_abs=float(diff.mean()),
+            reference_max_abs=float(before.float().abs().max()),
+            weight_max_abs=max(float(getattr(layer, "merge_error", 0.0)) for layer in adapter.layers),
+            probe_shape=list(before.shape),
+        )
+        self.merge_reports[name] = report
+        return report
+
+    @torch.no_grad()
+    def _probe(self, inputs: dict[str, Tensor], name: str | None) -> Tensor:
+        """The output on `inputs` with adapter `name` alone (None: the base), activation untouched."""
+        from deltahub.compose.quant import model_output
+
+        batch = next(iter(inputs.values())).shape[0]
+        was_training = self.base.training
+        self.base.eval()
+        try:
+            return model_output(self.forward(**inputs, adapter_names=[name] * batch)).detach().clone()
+        finally:
+            self.base.train(was_training)
 
     def unmerge(self, name: str) -> None:
         """Restore the base weights saved by `merge(name)`; merges unwind last-first."""
@@ -338,6 +391,7 @@ class AdaptedModel(nn.Module):
         for path, layer in zip(adapter.paths, adapter.layers, strict=True):
             layer.unmerge(backups[path])  # type: ignore[operator]
         self._merged.pop()
+        self.merge_reports.pop(name, None)
 
     @property
     def merged(self) -> list[str]:

@@ -142,7 +142,11 @@ class BottleneckLayer(SiteDelta):
         self._hook: Any = None
 
     def f(self, h: Tensor) -> Tensor:
-        return self.adapter_up(self.act(self.adapter_down(h)))  # (B, T, d) -> (B, T, b) -> (B, T, d)
+        # A quantized base's activations may be in its compute dtype, not the adapter's.
+        z = h if h.dtype == self.adapter_down.weight.dtype else h.to(self.adapter_down.weight.dtype)
+        return self.adapter_up(self.act(self.adapter_down(z))).to(
+            h.dtype
+        )  # (B, T, d) -> (B, T, b) -> (B, T, d)
 
     def delta(self, x: Tensor, y_base: Tensor, y_cur: Tensor, scale: float, rows: Any = None) -> Tensor:
         if not self.parallel:
@@ -197,6 +201,8 @@ class BottleneckAdapter(AdapterModule):
         for path, ffn_in in sites_for(base, cfg):
             module = base.get_submodule(path)
             ref = next(iter(module.parameters()), None)
+            # The dtype of the first floating-point parameter: a quantized layer's packed weight is not.
+            fp = next((p for p in module.parameters() if p.is_floating_point()), None)
             layer = BottleneckLayer(
                 cfg.hidden_size,
                 cfg.bottleneck_size or 1,
@@ -205,7 +211,7 @@ class BottleneckAdapter(AdapterModule):
                 cfg.variant == "parallel",
             )
             if ref is not None:
-                layer.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+                layer.to(device=ref.device, dtype=fp.dtype if fp is not None else None)
             object.__setattr__(layer, "input_module", base.get_submodule(ffn_in) if ffn_in else None)
             paths.append(path)
             layers.append(layer)

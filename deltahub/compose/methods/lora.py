@@ -25,9 +25,11 @@ Artifacts use PEFT's key names and config unchanged:
     base_model.model.<module path>.lora_magnitude_vector    (d_out,)    DoRA only
 
 GPT-2's `Conv1D` stores W as (d_in, d_out) (`fan_in_fan_out`); A and B keep the same
-shapes as for `nn.Linear`, only merging transposes. bitsandbytes `Linear4bit` bases run
-through the module's own forward; `dequantized_weight` is the one place that reads their
-weight (DoRA norms, merging).
+shapes as for `nn.Linear`, only merging transposes. bitsandbytes `Linear4bit` /
+`Linear8bitLt` bases (QLoRA) run through the module's own forward; `dequantized_weight`
+is the one place that reads their weight (DoRA norms, merging). Merging into a quantized
+layer dequantizes, adds and requantizes (lossy: `deltahub.compose.quant`); the original
+quantized parameter is kept, so unmerging is exact.
 """
 
 from __future__ import annotations
@@ -54,14 +56,15 @@ def dequantized_weight(module: nn.Module) -> Tensor:
     if is_conv1d(module):
         return module.weight.T
     if is_bnb_linear(module):
-        # The 4-bit base path (its own issue) hooks in here.
-        import bitsandbytes.functional as bnbf
+        from deltahub.compose.quant import dequantize_weight
 
-        w = module.weight
-        if getattr(w, "quant_state", None) is not None:
-            return bnbf.dequantize_4bit(w.data, w.quant_state)
-        raise Unsupported(f"reading the weight of {type(module).__name__} is not supported yet")
+        return dequantize_weight(module)  # a fresh dense tensor, (d_out, d_in)
     return module.weight
+
+
+def _stored_in_out(module: nn.Module) -> bool:
+    """GPT-2's Conv1D, or a quantized layer made from one (PEFT's fan_in_fan_out)."""
+    return is_conv1d(module) or bool(getattr(module, "deltahub_conv1d", False))
 
 
 def _pattern(patterns: dict[str, Any] | None, name: str, default: Any) -> Any:
@@ -106,7 +109,6 @@ class LoraLayer(SiteDelta):
 
     def weight_norm(self) -> Tensor:
         """||W + s B A|| per output row, detached, cached until W, A or B change."""
-        w = dequantized_weight(self.base_layer)
         p = self.base_layer.weight
         key = (
             id(p),
@@ -117,6 +119,8 @@ class LoraLayer(SiteDelta):
             id(self.lora_B),
         )
         if self._norm is None or key != self._norm_key:
+            # Read W only on a miss: for a quantized base that is a full dequantization.
+            w = dequantized_weight(self.base_layer)
             with torch.no_grad():
                 merged = w.to(self.lora_A.dtype) + self.delta_weight()
                 self._norm = torch.linalg.norm(merged, dim=1).to(merged.dtype)
@@ -160,22 +164,38 @@ class LoraLayer(SiteDelta):
 
     # ------------------------------------------------------------------ merging
 
+    def _merged_weight(self, w: Tensor) -> Tensor:
+        new = w.to(self.lora_A.dtype) + self.delta_weight()  # (d_out, d_in)
+        if self.use_dora:
+            new = (self.lora_magnitude_vector / self.weight_norm()).unsqueeze(1) * new
+        return new
+
     @torch.no_grad()
-    def merge(self) -> Tensor:
-        """Fold into the base weight in place; return a copy of the old weight."""
+    def merge(self) -> Any:
+        """Fold into the base weight in place; return what `unmerge` needs (the old weight).
+
+        A quantized layer is requantized (`quant.replace_weight`); its backup keeps the
+        original quantized parameter and `self.merge_error` the requantization error.
+        """
         if is_bnb_linear(self.base_layer):
-            raise Unsupported("merging into a quantized (bitsandbytes) base is not supported yet")
+            from deltahub.compose.quant import replace_weight
+
+            new = self._merged_weight(dequantized_weight(self.base_layer))
+            backup, self.merge_error = replace_weight(self.base_layer, new)
+            return backup
         weight = self.base_layer.weight
         backup = weight.detach().clone()
         w = dequantized_weight(self.base_layer)  # (d_out, d_in) view of `weight`
-        new = w.to(self.lora_A.dtype) + self.delta_weight()
-        if self.use_dora:
-            new = (self.lora_magnitude_vector / self.weight_norm()).unsqueeze(1) * new
-        w.copy_(new.to(w.dtype))
+        w.copy_(self._merged_weight(w).to(w.dtype))
         return backup
 
     @torch.no_grad()
-    def unmerge(self, backup: Tensor) -> None:
+    def unmerge(self, backup: Any) -> None:
+        if is_bnb_linear(self.base_layer):
+            from deltahub.compose.quant import restore_weight
+
+            restore_weight(self.base_layer, backup)
+            return
         self.base_layer.weight.copy_(backup)
 
 
@@ -210,7 +230,7 @@ class LoraAdapter(AdapterModule):
         full = default_config(config)
         cls._check_config(full)
         names = find_targets(base, full)
-        if any(is_conv1d(base.get_submodule(n)) for n in names):
+        if any(_stored_in_out(base.get_submodule(n)) for n in names):
             full["fan_in_fan_out"] = True  # what PEFT sets (with a warning) for GPT-2's Conv1D
         layers = []
         for name in names:
