@@ -183,9 +183,25 @@ def tag(ref: str, tag: str, delete: bool) -> None:
 @click.command()
 @click.argument("ref")
 @click.argument("directory", type=click.Path(file_okay=False))
+@click.option(
+    "--merged", is_flag=True, help="Write a full-precision model with the LoRA folded in (needs --base)."
+)
+@click.option("--base", help="With --merged: the base model directory or hub id (loaded in full precision).")
 @handle_errors
-def export(ref: str, directory: str) -> None:
-    """Write a version out as an artifact DIRECTORY, byte-identical to what was published."""
+def export(ref: str, directory: str, merged: bool, base: str | None) -> None:
+    """Write a version out as an artifact DIRECTORY, byte-identical to what was published.
+
+    With --merged --base PATH: a transformers model directory (safetensors) of the base
+    with the adapter merged, for serving without deltahub.
+    """
+    if merged or base:
+        if not (merged and base):
+            raise click.UsageError("--merged and --base go together: --merged --base PATH")
+        from deltahub.compose.export import export_merged  # torch only on this path
+
+        path = export_merged(ref, base, directory, registry=_registry())
+        click.echo(f"exported {ref} merged into {base} to {path}")
+        return
     path = _registry().export(ref, directory)
     click.echo(f"exported {ref} to {path}")
 

@@ -40,6 +40,13 @@ def _common(fn: Any) -> Any:
         click.option("--tag", "tags", multiple=True, help="Tag the new version (repeatable)."),
         click.option("--description", default="", help="Description stored in the manifest."),
         click.option("--quiet", is_flag=True, help="No progress bar or per-epoch logs."),
+        click.option(
+            "--quantize", type=click.Choice(["nf4", "fp4", "int8"]),
+            help="Load the frozen base 4-bit or 8-bit (bitsandbytes; QLoRA recipe).",
+        ),
+        click.option(
+            "--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass (less memory)."
+        ),
         json_option,
     ]  # fmt: skip
     for option in reversed(options):
@@ -90,7 +97,7 @@ def register(cli: click.Group) -> None:
         method: str, r: int, alpha: float, target_modules: tuple[str, ...], reduction_factor: float, base: str,
         data: str, eval_data: str | None, task: str, name: str, epochs: int, lr: float, batch_size: int,
         seed: int, max_length: int, patience: int, version: str | None, tags: tuple[str, ...], description: str,
-        quiet: bool, as_json: bool,
+        quiet: bool, as_json: bool, quantize: str | None, gradient_checkpointing: bool,
     ) -> None:  # fmt: skip
         """Train one adapter on a task and publish it (metrics, hyperparameters, data digest)."""
         from deltahub.fusion.train import train
@@ -99,7 +106,8 @@ def register(cli: click.Group) -> None:
             base, data, name=name, method=method, task=task, eval_data=eval_data, r=r, alpha=alpha,
             target_modules=_split(target_modules), reduction_factor=reduction_factor, epochs=epochs, lr=lr,
             batch_size=batch_size, seed=seed, max_length=max_length, patience=patience, version=version,
-            tags=tags, description=description, progress=not quiet and not as_json,
+            tags=tags, description=description, progress=not quiet and not as_json, quantize=quantize,
+            gradient_checkpointing=gradient_checkpointing,
         )  # fmt: skip
         _report(result, as_json)
 
@@ -120,7 +128,7 @@ def register(cli: click.Group) -> None:
         refs: tuple[str, ...], unfreeze_adapters: bool, temperature: float, fusion_reg: float, base: str,
         data: str, eval_data: str | None, task: str, name: str, epochs: int, lr: float, batch_size: int,
         seed: int, max_length: int, patience: int, version: str | None, tags: tuple[str, ...], description: str,
-        quiet: bool, as_json: bool,
+        quiet: bool, as_json: bool, quantize: str | None, gradient_checkpointing: bool,
     ) -> None:  # fmt: skip
         """Learn an AdapterFusion over published adapters REFS for a new task and publish it.
 
@@ -133,6 +141,7 @@ def register(cli: click.Group) -> None:
             list(refs), base, data, name=name, task=task, eval_data=eval_data, temperature=temperature,
             fusion_reg=fusion_reg, unfreeze_adapters=unfreeze_adapters, epochs=epochs, lr=lr,
             batch_size=batch_size, seed=seed, max_length=max_length, patience=patience, version=version,
-            tags=tags, description=description, progress=not quiet and not as_json,
+            tags=tags, description=description, progress=not quiet and not as_json, quantize=quantize,
+            gradient_checkpointing=gradient_checkpointing,
         )  # fmt: skip
         _report(result, as_json)

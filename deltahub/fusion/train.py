@@ -124,19 +124,24 @@ def adapter_config(
     raise InvalidConfig(f"method {method!r} is not one of {', '.join(METHODS)}")
 
 
-def _load(base: Any, tokenizer: Any, registry: Any) -> tuple[Any, Any, str | None]:
-    """(AdaptedModel, tokenizer, base id) from a path/hub id or an already-built module."""
+def _load(
+    base: Any, tokenizer: Any, registry: Any, quantize: str | None = None, checkpointing: bool = False
+) -> tuple[Any, Any, str | None]:
+    """(AdaptedModel, tokenizer, base id) from a path/hub id or an already-built module.
+
+    With `quantize` the base is 4/8-bit and set up for QLoRA (`compose.quant.prepare_for_training`).
+    """
     from deltahub.compose.base import load_base
     from deltahub.compose.model import AdaptedModel
 
     base_id = None
     if isinstance(base, nn.Module):
-        module = load_base(base, device="cpu" if not torch.cuda.is_available() else None)
+        module = load_base(base, device="cpu" if not torch.cuda.is_available() else None, quantize=quantize)
         base_id = getattr(getattr(base, "config", None), "_name_or_path", None) or None
         if tokenizer is None:
             raise InvalidConfig("pass tokenizer= when the base is a module rather than a path")
     else:
-        module = load_base(base)
+        module = load_base(base, quantize=quantize)
         base_id = str(base)
         if tokenizer is None:
             from transformers import AutoTokenizer
@@ -145,6 +150,10 @@ def _load(base: Any, tokenizer: Any, registry: Any) -> tuple[Any, Any, str | Non
                 tokenizer = AutoTokenizer.from_pretrained(str(base))
             except (OSError, ValueError) as e:
                 raise InvalidConfig(f"cannot load a tokenizer from {base}: {e}") from None
+    if quantize is not None:
+        from deltahub.compose.quant import prepare_for_training
+
+        prepare_for_training(module, checkpointing)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # decoder tokenizers often have none
     if tokenizer.pad_token_id is None:
@@ -408,6 +417,8 @@ def train(
     tags: Sequence[str] = (),
     description: str = "",
     progress: bool = True,
+    quantize: str | None = None,
+    gradient_checkpointing: bool = False,
 ) -> TrainResult:
     """Train one adapter (`method`: lora | houlsby | pfeiffer | parallel) on `data` and publish it.
 
@@ -418,7 +429,7 @@ def train(
     from transformers import set_seed
 
     set_seed(seed)
-    model, tokenizer, base_id = _load(base, tokenizer, registry)
+    model, tokenizer, base_id = _load(base, tokenizer, registry, quantize, gradient_checkpointing)
     train_ds, eval_ds = _datasets(task, data, eval_data, tokenizer, max_length)
     config = adapter_config(method, r, alpha, target_modules, reduction_factor, bottleneck_size)
     model.add_adapter(name, config)
@@ -481,6 +492,8 @@ def fuse(
     tags: Sequence[str] = (),
     description: str = "",
     progress: bool = True,
+    quantize: str | None = None,
+    gradient_checkpointing: bool = False,
 ) -> TrainResult:
     """Learn an AdapterFusion over published adapters `refs` for a new task, and publish it.
 
@@ -501,7 +514,7 @@ def fuse(
 
         registry = Registry()
     set_seed(seed)
-    model, tokenizer, base_id = _load(base, tokenizer, registry)
+    model, tokenizer, base_id = _load(base, tokenizer, registry, quantize, gradient_checkpointing)
     train_ds, eval_ds = _datasets(task, data, eval_data, tokenizer, max_length)
     pinned = [registry.resolve(ref) for ref in refs]
     names = []
