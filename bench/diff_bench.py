@@ -162,7 +162,7 @@ def main() -> None:
         t_fact, runs_fact, report = timed(lambda: deltahub.diff(va.ref, vb.ref), args.repeats)
         # The dense side shares the warm imports and page cache; one run is minutes under load.
         t_dense, runs_dense, dense = timed(lambda: dense_diff(files_a, files_b), args.dense_repeats, False)
-        # deltahub.diff runs its small factorizations on one intra-op thread (diff.tensors.serial_torch);
+        # deltahub.diff runs its small factorizations on one intra-op thread (diffing.tensors.serial_torch);
         # the dense side on one thread too, so the ratio is not an artifact of thread contention.
         torch.set_num_threads(1)
         t_one, runs_one, _ = timed(lambda: dense_diff(files_a, files_b), args.dense_repeats, False)
@@ -211,7 +211,7 @@ hidden-512, intermediate-1376 Llama config: {len(report.modules)} modules, publi
 
 Goal < 1 s: {"met" if t_fact < 1.0 else "NOT met"} on this run. The factored diff is 2 batched QRs and 2 small
 SVDs per group of same-shaped modules (3 groups here), plus raw-byte hashing and loads. It runs
-those on one intra-op thread (`deltahub.diff.tensors.serial_torch`, restored afterwards): on this
+those on one intra-op thread (`deltahub.diffing.tensors.serial_torch`, restored afterwards): on this
 shared machine the process-wide 2 threads made the same work take 3.4 s (0.17 s on one thread),
 each parallel region waiting for a scheduler wake-up while other processes held the cores. The
 dense side is shown at both thread counts for the same reason. Verdict `{report.verdict}`, overall relative change

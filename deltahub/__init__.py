@@ -13,7 +13,7 @@ _LAZY = {
     "parse_ref": "deltahub.registry",
     "Artifact": "deltahub.artifact",
     "Manifest": "deltahub.artifact",
-    "diff": "deltahub.diff",
+    "diff": "deltahub.diffing",
     "train": "deltahub.fusion.train",
     "fuse": "deltahub.fusion.train",
     "load_base": "deltahub.compose.base",

@@ -147,7 +147,7 @@ def diff_cmd(
     REF_A and REF_B are registry refs (name, name@2, name@tag, name@sha256:ab12...) or
     artifact directories. LoRA modules are compared exactly through dW = s B A.
     """
-    from deltahub.diff import diff
+    from deltahub.diffing import diff
 
     report = diff(ref_a, ref_b, top=top, tolerance=tolerance, base=base, probe=probe)
     if as_json:

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Union
 
 from deltahub import artifact as af
-from deltahub.diff import lora, meta
-from deltahub.diff.report import DiffReport, Side
-from deltahub.diff.tensors import Weights, compare_tensors, serial_torch, tensor_sums
+from deltahub.diffing import lora, meta
+from deltahub.diffing.report import DiffReport, Side
+from deltahub.diffing.tensors import Weights, compare_tensors, serial_torch, tensor_sums
 from deltahub.errors import InvalidConfig, InvalidRef, NotFound
 
 Source = Union[str, "os.PathLike[str]", af.Artifact, Any]  # Any: a registry `Version`
@@ -149,7 +149,7 @@ def diff(
         report = compare(oa, ob, tolerance)
         report.top = top
         if base is not None and probe is not None:
-            from deltahub.diff.behavior import behavior
+            from deltahub.diffing.behavior import behavior
 
             report.behavior = behavior(oa, ob, base, probe, get_registry)
     finally:

@@ -23,8 +23,8 @@ from typing import Any
 
 from deltahub.artifact import TensorInfo
 from deltahub.compose import lowrank
-from deltahub.diff.report import ModuleDiff
-from deltahub.diff.tensors import Weights
+from deltahub.diffing.report import ModuleDiff
+from deltahub.diffing.tensors import Weights
 
 # (down, up) factor markers: linear/conv layers, and embeddings (dW = (B A)^T there;
 # transposing changes none of the quantities above).

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from deltahub.artifact import TensorInfo
-from deltahub.diff.report import TensorDiff
+from deltahub.diffing.report import TensorDiff
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """Diff two adapter versions: what changed, exactly and cheaply.
 
-    report = deltahub.diff("sentiment@1", "sentiment@2")
+    report = deltahub.diff("sentiment@1", "sentiment@2")   # or deltahub.diffing.diff
     report.verdict          # identical | numerically_identical | changed | different_base
     report.relative_change  # sqrt(sum_m ||dW_a - dW_b||^2) / sqrt(sum_m ||dW_a||^2)
     report.to_dict()        # the JSON of `deltahub diff --json`
@@ -13,12 +13,8 @@ change of dW = s B A from the factors, via `deltahub.compose.lowrank`), `behavio
 
 from __future__ import annotations
 
-import sys
-import types
-from typing import Any
-
-from deltahub.diff.core import diff
-from deltahub.diff.report import (
+from deltahub.diffing.core import diff
+from deltahub.diffing.report import (
     VERDICTS,
     BehaviorDiff,
     DiffReport,
@@ -40,15 +36,3 @@ __all__ = [
     "TensorDiff",
     "diff",
 ]
-
-
-class _CallableModule(types.ModuleType):
-    """Importing `deltahub.diff` binds the attribute `deltahub.diff` to this module, which
-    would shadow the function of the same name that `deltahub.diff(a, b)` promises; so the
-    module itself calls `diff`."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> DiffReport:
-        return diff(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from deltahub.diff.report import BehaviorDiff
+from deltahub.diffing.report import BehaviorDiff
 from deltahub.errors import InvalidConfig, NotFound, Unsupported
 
 MAX_PROBES = 10_000

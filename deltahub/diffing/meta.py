@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from deltahub.artifact import Manifest
-from deltahub.diff.report import FieldChange, ParentChange
+from deltahub.diffing.report import FieldChange, ParentChange
 
 # Config fields that record how or where a file was written, not what the adapter computes.
 NON_SEMANTIC_CONFIG = frozenset(
