@@ -153,7 +153,7 @@ def run_quickstart(
     from transformers import AutoTokenizer
 
     from deltahub.compose.blocks import Sum
-    from deltahub.diff import diff
+    from deltahub.diffing import diff
     from deltahub.fusion.train import fuse, load_task_model, train
     from deltahub.registry import Registry
 

@@ -31,6 +31,8 @@ COMMAND_MODULES = [
 )
 def cli(home: str | None) -> None:
     """deltahub: publish, pull, activate, compose, fuse and diff adapters."""
+    # transformers draws a bar for every weight load; our commands draw their own progress.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if home:
         os.environ["DELTAHUB_HOME"] = home
 
