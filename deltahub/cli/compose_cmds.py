@@ -75,6 +75,18 @@ def run_once(
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
             new = out[0, batch["input_ids"].shape[1] :]
             result.update(kind="generation", output_ids=new.tolist(), output=tokenizer.decode(new))
+        elif (trained := _trained_head(model, refs[0], base)) is not None:
+            head, labels = trained
+            out = model(**batch, output_hidden_states=True)
+            logits = head(out.hidden_states[-1], batch.get("attention_mask"))[0]  # (K,)
+            label = int(logits.argmax())
+            result.update(
+                kind="classification",
+                label=labels[label] if label < len(labels) else str(label),
+                label_id=label,
+                logits=[round(float(v), 6) for v in logits],
+                head=refs[0],
+            )
         else:
             out = model(**batch)
             if hasattr(out, "logits"):
@@ -97,6 +109,18 @@ def run_once(
                     head=[round(float(v), 6) for v in pooled[:8]],
                 )
     return result
+
+
+def _trained_head(model: Any, ref: str, base: Any) -> tuple[Any, list[str]] | None:
+    """The classification head trained with adapter `ref` (deltahub train/fuse), if any."""
+    from deltahub.fusion.head import TaskHead, has_head
+
+    artifact = model.registry.open(ref)
+    if not has_head(artifact) or artifact.manifest is None:
+        return None
+    width = getattr(base.config, "hidden_size", None) or getattr(base.config, "n_embd", None)
+    head = TaskHead.from_artifact(artifact, int(width)).to(base.device).eval()
+    return head, list(artifact.manifest.extra.get("head", {}).get("labels", []))
 
 
 def _forward_args(base: Any) -> set[str]:
@@ -140,8 +164,9 @@ def register(cli: click.Group) -> None:
     ) -> None:
         """Run one input through BASE with adapters REFS (name, name@3, name@tag) active.
 
-        Prints the generated text (causal LM), the label and logits (classifier), or an
-        embedding summary (encoder).
+        Prints the generated text (causal LM), the label and logits (a classifier, or an
+        adapter trained with `deltahub train` for classification: the first REF's head), or
+        an embedding summary (encoder).
         """
         if sum(x is not None and x is not False for x in (sum_w, avg_w, stack or None)) > 1:
             raise click.UsageError("give at most one of --sum, --average, --stack")
