@@ -47,7 +47,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltahub.compose.inject import head_names, is_bnb_linear, is_conv1d
@@ -412,17 +411,13 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = False)
     if callable(enable):
         enable()
     if gradient_checkpointing:
-        gc = getattr(model, "gradient_checkpointing_enable", None)
-        if not callable(gc):
+        kwargs = {"use_reentrant": False}
+        if callable(getattr(model, "activation_checkpointing_enable", None)):  # transformers 5's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif callable(getattr(model, "gradient_checkpointing_enable", None)):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
             raise Unsupported(f"{type(model).__name__} does not support gradient checkpointing")
-        gc(gradient_checkpointing_kwargs={"use_reentrant": False})
         if getattr(model, "config", None) is not None:
             model.config.use_cache = False
     return model
-
-
-def linear_forward(module: nn.Module, x: Tensor) -> Tensor:
-    """y = W x + b with the dense weight (the reference a quantized layer must match)."""
-    return F.linear(
-        x, dequantize_weight(module).to(x.dtype), None if module.bias is None else module.bias.to(x.dtype)
-    )
