@@ -221,6 +221,7 @@ def test_svd_low_rank_is_the_best_rank_k_approximation(loras, k):
 @pytest.mark.parametrize("conditioning", ["well", "near-deficient", "deficient", "wide"])
 def test_low_rank_sum_is_eckart_young_on_both_paths(conditioning):
     """The CholeskyQR fast path and the Householder QR fallback against a dense SVD."""
+    from deltahub.compose import lowrank
     from deltahub.compose.merge import low_rank_sum
 
     g = torch.Generator().manual_seed(0)
@@ -235,10 +236,22 @@ def test_low_rank_sum_is_eckart_young_on_both_paths(conditioning):
     dense = sum(c * b.double() @ a.double() for c, b, a in terms)
     U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
     for k in (3, 16, 20):
-        Bk, Ak = low_rank_sum(terms, k)
+        Bk, Ak = low_rank_sum(*lowrank.stack(terms), k)
         assert Bk.shape == (d_out, k) and Ak.shape == (k, 30)
         best = (U[:, :k] * S[:k]) @ Vh[:k]
         assert rel_err(Bk @ Ak, best) <= 1e-8, k
+
+
+def test_low_rank_sum_batch_mixes_fast_and_fallback_paths():
+    from deltahub.compose.merge import low_rank_sum
+
+    g = torch.Generator().manual_seed(1)
+    B, A = torch.randn(3, 40, 16, generator=g, dtype=torch.float64), torch.randn(3, 16, 30, generator=g)
+    B[1, :, 8:] = B[1, :, :8]  # rank-deficient stack in the middle of the batch
+    Bk, Ak = low_rank_sum(B, A, 5)
+    for i in range(3):
+        U, S, Vh = torch.linalg.svd(B[i] @ A[i].double(), full_matrices=False)
+        assert rel_err(Bk[i] @ Ak[i], (U[:, :5] * S[:5]) @ Vh[:5]) <= 1e-8, i
 
 
 def test_negative_weights_negate_and_cancel(loras):
@@ -331,7 +344,8 @@ def test_dare_matches_peft_given_the_same_random_drops(loras, monkeypatch, metho
 
     def recording(X, density, generator):
         out = real(X, density, generator)
-        for x, o in zip(X, out, strict=True):
+        flat = zip(X.reshape(-1, *X.shape[-2:]), out.reshape(-1, *X.shape[-2:]), strict=True)
+        for x, o in flat:  # one (module, adapter) factor each
             kept = o != 0
             # DARE rescales the survivors by 1 / density and leaves them otherwise untouched
             torch.testing.assert_close(o[kept], x[kept] / density)

@@ -48,7 +48,8 @@ from __future__ import annotations
 import math
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -62,7 +63,7 @@ from deltahub.errors import IncompatibleBase, InvalidConfig, Unsupported
 if TYPE_CHECKING:
     from deltahub.registry import Registry, Version
 
-Progress = Callable[[Iterable[str], int], Iterable[str]]  # (modules, count) -> same modules
+Progress = Callable[[Iterable[Any], int], Iterable[Any]]  # (items, count) -> the same items
 Method = Literal["linear", "cat", "svd", "ties", "dare_linear", "dare_ties"]
 METHODS: tuple[str, ...] = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
 SAME_RANK_METHODS = ("linear", "ties", "dare_linear", "dare_ties")
@@ -154,14 +155,17 @@ def lora_modules(config: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> di
 
 
 # --------------------------------------------------------------------------- kernels
-# Each takes the factors of the adapters present at one module stacked on dim 0.
+# Modules with the same shapes and the same adapters present are merged as one batch
+# (leading dim G): on a busy 2-core machine every threaded op pays ~10 ms of scheduler
+# latency, so one op per group instead of one per module is most of the speed.
+# Factor stacks are X (G, n, ...): group, adapter, factor dims.
 
 
 def _magnitude_prune(X: Tensor, density: float) -> Tensor:
-    """Keep the top int(density * numel) entries by |value| of each X[i] (PEFT's rule)."""
+    """Keep the top int(density * numel) entries by |value| of each factor (PEFT's rule)."""
     if density >= 1.0:
         return X
-    flat = X.reshape(X.shape[0], -1)  # (n, numel)
+    flat = X.reshape(X.shape[0] * X.shape[1], -1)  # (G n, numel)
     k = int(density * flat.shape[1])
     keep = torch.zeros_like(flat).scatter_(1, flat.abs().topk(k, dim=1, sorted=False).indices, 1.0)
     return (flat * keep).view_as(X)
@@ -177,11 +181,10 @@ def _dare_prune(X: Tensor, density: float, generator: torch.Generator) -> Tensor
 
 def _disjoint_sign_merge(X: Tensor, w: Tensor, majority_sign_method: str) -> Tensor:
     """TIES: elect a sign per entry, then average the weighted entries that agree with it."""
-    sign = X.sign()  # (n, ...)
-    votes = X.sum(0) if majority_sign_method == "total" else sign.sum(0)
-    agree = sign == torch.where(votes >= 0, 1.0, -1.0).to(X.dtype)  # zeros never agree
-    weighted = X * w.view(-1, *([1] * (X.dim() - 1)))
-    return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
+    sign = X.sign()  # (G, n, ...)
+    votes = X.sum(1) if majority_sign_method == "total" else sign.sum(1)
+    agree = sign == torch.where(votes >= 0, 1.0, -1.0).to(X.dtype).unsqueeze(1)  # zeros never agree
+    return (X * w * agree).sum(1) / agree.sum(1).clamp(min=1)
 
 
 def _combine(
@@ -192,90 +195,132 @@ def _combine(
     generator: torch.Generator,
     majority_sign_method: str,
 ) -> Tensor:
-    """Combine stacked factors X (n, ...) with per-adapter weights w (n,)."""
-    shape = (-1, *([1] * (X.dim() - 1)))
+    """Combine factor stacks X (G, n, p, q) with per-adapter weights w (G, n) -> (G, p, q)."""
+    w = w[:, :, None, None]
     if method == "linear":
-        return (X * w.view(shape)).sum(0)
+        return (X * w).sum(1)
     assert density is not None
     if method == "ties":
         return _disjoint_sign_merge(_magnitude_prune(X, density), w, majority_sign_method)
     X = _dare_prune(X, density, generator)
     if method == "dare_linear":
-        return (X * w.view(shape)).sum(0)
+        return (X * w).sum(1)
     return _disjoint_sign_merge(X, w, majority_sign_method)
 
 
-def _merge_module(
-    module: str,
+def _merge_group(
     method: str,
-    terms: list[tuple[float, LoraModule]],
+    coeffs: Tensor,
+    modules: list[list[LoraModule]],
     rank: int | None,
     density: float | None,
     generator: torch.Generator,
     majority_sign_method: str,
 ) -> tuple[Tensor, Tensor]:
-    """(B, A) of one merged module, scaling 1, in float32 (svd computes in float64)."""
-    if method == "cat":
-        B = torch.cat([(w * m.scaling) * m.B.float() for w, m in terms], dim=1)  # (d_out, R)
-        A = torch.cat([m.A.float() for _, m in terms], dim=0)  # (R, d_in)
-        return B, A
-    if method == "svd":
+    """Merged (B (G, d_out, r'), A (G, r', d_in)), scaling 1, float32.
+
+    `modules[g][j]` is adapter j's factors at module g (same shapes down each column) and
+    `coeffs` (G, n) float64 its c = w * s. Factors are copied straight into one
+    preallocated stack: fresh large allocations page-fault, and that dominated here.
+    """
+    G, n = coeffs.shape
+    first = modules[0]
+    d_out, d_in, ranks = first[0].shape[0], first[0].shape[1], [m.rank for m in first]
+    if method in ("cat", "svd"):
+        dtype = torch.float64 if method == "svd" else torch.float32
+        B = torch.empty(G, d_out, sum(ranks), dtype=dtype)  # [c_1 B_1, ..., c_n B_n]
+        A = torch.empty(G, sum(ranks), d_in, dtype=dtype)  # [A_1; ...; A_n]
+        for g, row in enumerate(modules):
+            off = 0
+            for j, m in enumerate(row):
+                B[g, :, off : off + m.rank].copy_(m.B).mul_(float(coeffs[g, j]))
+                A[g, off : off + m.rank].copy_(m.A)
+                off += m.rank
+        if method == "cat":
+            return B, A
         assert rank is not None
-        B, A = low_rank_sum([(w * m.scaling, m.B, m.A) for w, m in terms], rank)
+        B, A = low_rank_sum(B, A, rank)
         return B.float(), A.float()
-    ranks = {m.rank for _, m in terms}
-    if len(ranks) != 1:
-        raise Unsupported(
-            f"{method} needs equal ranks, but module {module} has ranks {sorted(ranks)}; "
-            "use --method cat (exact) or svd (exact low rank) instead"
-        )
-    # PEFT's split of c = w * s over the two factors: the sign goes on A only.
-    c = [w * m.scaling for w, m in terms]
-    wA = torch.tensor([math.copysign(math.sqrt(abs(x)), x) for x in c], dtype=torch.float32)
-    wB = torch.tensor([math.sqrt(abs(x)) for x in c], dtype=torch.float32)
-    As = torch.stack([m.A.float() for _, m in terms])  # (n, r, d_in)
-    Bs = torch.stack([m.B.float() for _, m in terms])  # (n, d_out, r)
+    r = ranks[0]
+    Bs = torch.empty(G, n, d_out, r)
+    As = torch.empty(G, n, r, d_in)
+    for g, row in enumerate(modules):
+        for j, m in enumerate(row):
+            Bs[g, j].copy_(m.B)
+            As[g, j].copy_(m.A)
+    # PEFT's split of c over the two factors: sqrt|c| each, the sign on A only.
+    wB = coeffs.abs().sqrt()
+    wA = (wB * coeffs.sign()).float()
     A = _combine(method, As, wA, density, generator, majority_sign_method)
-    B = _combine(method, Bs, wB, density, generator, majority_sign_method)
+    B = _combine(method, Bs, wB.float(), density, generator, majority_sign_method)
     return B, A
 
 
-def low_rank_sum(terms: Sequence[tuple[float, Tensor, Tensor]], rank: int) -> tuple[Tensor, Tensor]:
-    """Best rank-`rank` factors (B', A') of sum_i c_i B_i A_i (Eckart-Young), in float64.
+@contextmanager
+def _serial() -> Iterator[None]:
+    """Run LAPACK on the small R x R problems on one thread.
 
-    With B = [c_1 B_1, ...] (d_out, R) and A = [A_1; ...] (R, d_in) stacked, the R factor
-    of B = QR is the Cholesky factor L^T of B^T B (CholeskyQR), so B A = Q (L^T A) and the
-    SVD of B A follows from the eigendecomposition of the small R x R matrix
+    Threads buy nothing at R of a few hundred, and torch's threaded eigh at that size was
+    measured ~500x slower (4.5 s vs 7 ms for a 256 x 256 eigh, 2 threads, on a loaded
+    2-core machine): the workers wait at barriers while preempted.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def low_rank_sum(B: Tensor, A: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Best rank-`rank` factors (B', A') of B @ A (Eckart-Young), float64, batched.
+
+    B (..., d_out, R), A (..., R, d_in) are stacked factors, e.g. from `lowrank.stack`:
+    B = [c_1 B_1, ..., c_n B_n], A = [A_1; ...; A_n]. The R factor of B = QR is the
+    Cholesky factor L^T of B^T B (CholeskyQR), so B A = Q (L^T A) and the SVD of B A
+    follows from the eigendecomposition of the small R x R matrix
     K = (L^T A)(L^T A)^T = Y diag(sigma^2) Y^T:
 
         U_k = B L^{-T} Y_k,   V_k^T = diag(1 / sigma_k) Y_k^T L^T A,
         B' = U_k diag(sqrt sigma_k),   A' = diag(sqrt sigma_k) V_k^T.
 
-    That is two d x R x R products and one R x R eigh, with Q never formed, which is what
-    makes a 16-adapter merge fast. Squaring B's condition number is harmless while it is
-    moderate; when the Cholesky fails or L's diagonal spreads by more than 1e5 (a rank
-    deficient stack, e.g. a - a, or R > d_out) we take `lowrank.truncate`'s Householder
-    QR + core SVD path instead, which never squares it. Columns beyond the rank of the
-    sum are zero, so the result always has exactly `rank` columns.
+    That is a few d x R x R products and one R x R eigh, with Q never formed. Squaring
+    B's condition number is harmless while it is moderate; where the Cholesky fails or
+    L's diagonal spreads by more than 1e5 (a rank-deficient stack, e.g. a - a, or
+    R > d_out) that matrix takes `lowrank.truncate`'s Householder QR + core SVD path,
+    which never squares it. Columns beyond the rank of the sum are zero, so the result
+    always has exactly `rank` columns.
     """
-    B, A = lowrank.stack(terms)  # (d_out, R), (R, d_in), float64
-    L, info = torch.linalg.cholesky_ex(B.T @ B)  # (R, R), B^T B = L L^T
-    diag = L.diagonal()
-    if int(info) != 0 or not bool(diag.min() > diag.max() * 1e-5):
-        return lowrank.truncate(B, A, rank)
-    LtA = L.T @ A  # (R, d_in)
-    lam, Y = torch.linalg.eigh(LtA @ LtA.T)  # ascending
-    k = min(rank, lam.numel())
-    sigma = lam.flip(0)[:k].clamp(min=0).sqrt()  # (k,), descending
-    Y = Y.flip(1)[:, :k]  # (R, k)
-    live = sigma > sigma[0] * 1e-12  # directions the sum actually has
+    if B.dim() == 2:
+        Bk, Ak = low_rank_sum(B[None], A[None], rank)
+        return Bk[0], Ak[0]
+    B, A = B.double(), A.double()
+    with _serial():
+        L, info = torch.linalg.cholesky_ex(B.mT @ B)  # (G, R, R), B^T B = L L^T
+    diag = L.diagonal(dim1=-2, dim2=-1)  # (G, R)
+    fast = (info == 0) & (diag.min(-1).values > diag.max(-1).values * 1e-5)
+    Bk = B.new_zeros(B.shape[0], B.shape[1], rank)
+    Ak = A.new_zeros(A.shape[0], rank, A.shape[2])
+    for g in (~fast).nonzero().flatten().tolist():
+        with _serial():
+            Bk[g], Ak[g] = lowrank.truncate(B[g], A[g], rank)
+    if not bool(fast.any()):
+        return Bk, Ak
+    idx = fast.nonzero().flatten()
+    B, A, L = B[idx], A[idx], L[idx]
+    LtA = L.mT @ A  # (G, R, d_in)
+    with _serial():
+        lam, Y = torch.linalg.eigh(LtA @ LtA.mT)  # ascending
+    k = min(rank, lam.shape[-1])
+    sigma = lam.flip(-1)[:, :k].clamp(min=0).sqrt()  # (G, k), descending
+    Y = Y.flip(-1)[:, :, :k]  # (G, R, k)
+    live = sigma > sigma[:, :1] * 1e-12  # directions the sum actually has
     root = torch.where(live, sigma.sqrt(), torch.zeros_like(sigma))
     inv_root = torch.where(live, 1 / sigma.clamp(min=1e-300).sqrt(), torch.zeros_like(sigma))
-    Bk = (B @ torch.linalg.solve_triangular(L.T, Y, upper=True)) * root  # (d_out, k)
-    Ak = inv_root[:, None] * (Y.T @ LtA)  # (k, d_in)
-    if k < rank:
-        Bk = torch.cat([Bk, Bk.new_zeros(Bk.shape[0], rank - k)], dim=1)
-        Ak = torch.cat([Ak, Ak.new_zeros(rank - k, Ak.shape[1])], dim=0)
+    with _serial():
+        Z = torch.linalg.solve_triangular(L.mT, Y, upper=True)  # L^{-T} Y, (G, R, k)
+    Bk[idx, :, :k] = (B @ Z) * root[:, None, :]  # (G, d_out, k)
+    Ak[idx, :k] = inv_root[:, :, None] * (Y.mT @ LtA)  # (G, k, d_in)
     return Bk, Ak
 
 
@@ -372,7 +417,7 @@ def merge_loras(
     `weights` defaults to 1.0 each (the plain sum). `density` (ties, dare_*) is the
     fraction of factor entries kept. `rank` (svd) defaults to the largest input rank.
     Module shapes must agree (`IncompatibleBase`). `progress`, if given, wraps the loop
-    over modules (a CLI progress bar). See the module docstring for the math.
+    over groups of same-shaped modules (a CLI progress bar). See the module docstring for the math.
     """
     weights = _check_options(len(loras), method, weights, density, rank, majority_sign_method)
     configs = [c for c, _ in loras]
@@ -389,25 +434,40 @@ def merge_loras(
     dtypes = {m.B.dtype for p in parsed for m in p.values()} | {m.A.dtype for p in parsed for m in p.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
 
-    modules = sorted({name for p in parsed for name in p})
-    generator = torch.Generator().manual_seed(seed)
-    tensors: dict[str, Tensor] = {}
-    ranks: dict[str, int] = {}
-    for module in progress(modules, len(modules)) if progress else modules:
-        terms = [(w, p[module]) for w, p in zip(weights, parsed, strict=True) if module in p]
-        shapes = {m.shape for _, m in terms}
+    groups: dict[tuple[tuple[int, ...], tuple[int, int], tuple[int, ...]], list[str]] = {}
+    for module in sorted({name for p in parsed for name in p}):
+        present = tuple(i for i, p in enumerate(parsed) if module in p)
+        shapes = {parsed[i][module].shape for i in present}
         if len(shapes) > 1:
             raise IncompatibleBase(
                 f"module {module} has different shapes across adapters ({sorted(shapes)}); "
                 "the adapters were trained on different base models"
             )
-        B, A = _merge_module(module, method, terms, rank, density, generator, majority_sign_method)
-        tensors[module + A_SUFFIX] = A.to(dtype).contiguous()
-        tensors[module + B_SUFFIX] = B.to(dtype).contiguous()
-        magnitude = terms[0][1].magnitude
-        if magnitude is not None:
-            tensors[module + M_SUFFIX] = magnitude.clone().contiguous()
-        ranks[module] = A.shape[0]
+        module_ranks = tuple(parsed[i][module].rank for i in present)
+        if method in SAME_RANK_METHODS and len(set(module_ranks)) != 1:
+            raise Unsupported(
+                f"{method} needs equal ranks, but module {module} has ranks {sorted(set(module_ranks))}; "
+                "use --method cat (exact) or svd (exact low rank) instead"
+            )
+        groups.setdefault((present, shapes.pop(), module_ranks), []).append(module)
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, Tensor] = {}
+    ranks: dict[str, int] = {}
+    items = list(groups.items())
+    for (present, _, _), names in progress(items, len(items)) if progress else items:
+        coeffs = torch.tensor(
+            [[weights[i] * parsed[i][m].scaling for i in present] for m in names], dtype=torch.float64
+        )  # (G, n): c = w * s
+        rows = [[parsed[i][m] for i in present] for m in names]
+        B, A = _merge_group(method, coeffs, rows, rank, density, generator, majority_sign_method)
+        for g, module in enumerate(names):
+            tensors[module + A_SUFFIX] = A[g].to(dtype).contiguous()
+            tensors[module + B_SUFFIX] = B[g].to(dtype).contiguous()
+            magnitude = parsed[present[0]][module].magnitude
+            if magnitude is not None:
+                tensors[module + M_SUFFIX] = magnitude.clone().contiguous()
+            ranks[module] = A.shape[1]
     return tensors, _output_config(configs, ranks, use_dora=any(dora))
 
 
