@@ -10,7 +10,12 @@ loaded: dtype, quantization, path, transformers version) and the parameter names
 their *logical* shapes. A bitsandbytes `Linear4bit` stores its weight packed as
 (n, 1) uint8; its logical shape is (out_features, in_features), so a 4-bit and a
 full-precision copy of one base share a fingerprint and adapters move freely between
-them.
+them. (A quantized GPT-2 `Conv1D` is marked `deltahub_conv1d` and keeps its (in, out)
+logical shape.)
+
+`load_base(..., quantize="nf4" | "fp4" | "int8")` loads the base through bitsandbytes
+(`deltahub.compose.quant`, which documents the CPU kernel guard); bitsandbytes is only
+imported then.
 """
 
 from __future__ import annotations
