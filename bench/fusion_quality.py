@@ -125,16 +125,16 @@ def run_custom(
     """Head only (ref None) or a published adapter fine-tuned on the target with a new head."""
     from transformers import set_seed
 
-    from deltahub.fusion.train import TaskModel, _head, _load, _run
+    from deltahub.fusion.trainer import TaskModel, load_model, make_head, run
 
     set_seed(kw["seed"])
-    model, tok, _ = _load(str(base), tok, registry)
+    model, tok, _ = load_model(str(base), tok, registry)
     if ref is not None:
         name = model.load(ref)
         model.get_adapter(name).requires_grad_(True)
         model.activate(name)
-    task_model = TaskModel(model, "classification", _head(model, "classification", train_ds.label_map))
-    _run(task_model, train_ds, dev_ds, tok, progress=False, output_dir=None, **kw)
+    task_model = TaskModel(model, "classification", make_head(model, "classification", train_ds.label_map))
+    run(task_model, train_ds, dev_ds, tok, progress=False, output_dir=None, **kw)
     return task_model
 
 

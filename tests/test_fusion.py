@@ -74,7 +74,7 @@ def test_folded_equals_direct_formula(dtype: torch.dtype, tol: float) -> None:
         W = torch.randn(d, r, dtype=dtype)
         c = torch.randn(d, dtype=dtype) if with_c else None
         a_n = torch.randn(2, 5, r, dtype=dtype)
-        parts.append(Part(lambda *_: None, lambda W=W, c=c: (W, c), (), with_c))  # type: ignore[arg-type,return-value]
+        parts.append(Part(lambda *_: None, lambda W=W, c=c: (W, c)))  # type: ignore[arg-type,return-value]
         a.append(a_n)
         zs.append(a_n @ W.T + (c if c is not None else 0))
     out_direct, s_direct = layer.direct(h, zs)
@@ -84,10 +84,24 @@ def test_folded_equals_direct_formula(dtype: torch.dtype, tol: float) -> None:
     assert torch.allclose(s_folded.sum(-1), torch.ones(2, 5, dtype=dtype), atol=tol)
 
 
-def test_fuse_in_model_matches_independent_computation(bert_path: Path) -> None:
-    """At the fused module: output = y + sum_n s_n V z_n, every z_n computed by hand."""
+@pytest.mark.parametrize("mixed", [True, False])
+def test_fuse_in_model_matches_independent_computation(bert_path: Path, mixed: bool) -> None:
+    """At the fused module: output = y + sum_n s_n V z_n, every z_n computed by hand.
+
+    mixed: two LoRAs and a bottleneck; else three bottlenecks (one stacked down-projection)."""
     model = _model(bert_path)
-    _two_loras_and_pfeiffer(model)
+    if mixed:
+        _two_loras_and_pfeiffer(model)
+    else:
+        for i, name in enumerate(["a", "b", "c"]):
+            cfg = {
+                "method": "bottleneck",
+                "variant": "pfeiffer",
+                "bottleneck_size": 3 + i,
+                "target_layers": [1],
+            }
+            model.add_adapter(name, cfg)
+            _randomize(model.get_adapter(name), seed=10 + i, std=0.2)
     fusion = add_fusion(model, "f", ["a", "b", "c"], temperature=2.0)
     _randomize(fusion, seed=3, std=0.2)
     site = model.base.get_submodule(LAST)
@@ -102,17 +116,13 @@ def test_fuse_in_model_matches_independent_computation(bert_path: Path) -> None:
         model(**inputs)
     handle.remove()
     zs = []
-    for name in ("a", "b"):
-        lora = model.get_adapter(name).delta_at(LAST)
-        zs.append(lora.scaling * (x @ lora.lora_A.T) @ lora.lora_B.T)
-    bn = model.get_adapter("c").delta_at(LAST)
-    zs.append(
-        bn.scaling
-        * (
-            torch.relu(y @ bn.adapter_down.weight.T + bn.adapter_down.bias) @ bn.adapter_up.weight.T
-            + bn.adapter_up.bias
-        )
-    )
+    for name in ("a", "b", "c"):
+        delta = model.get_adapter(name).delta_at(LAST)
+        if type(delta).__name__ == "LoraLayer":
+            zs.append(delta.scaling * (x @ delta.lora_A.T) @ delta.lora_B.T)
+        else:
+            hidden = torch.relu(y @ delta.adapter_down.weight.T + delta.adapter_down.bias)
+            zs.append(delta.scaling * (hidden @ delta.adapter_up.weight.T + delta.adapter_up.bias))
     layer = fusion.delta_at(LAST)
     q = y @ layer.fusion_query.weight.T + layer.fusion_query.bias
     scores = torch.stack([(q * (z @ layer.fusion_key.weight.T)).sum(-1) for z in zs], -1) / 2.0

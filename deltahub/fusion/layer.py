@@ -80,7 +80,8 @@ class Part:
     a: Callable[[Tensor, Tensor, Tensor, Any], Tensor]
     affine: Callable[[], tuple[Tensor | None, Tensor | None]]
     sources: tuple[Tensor, ...] = ()
-    has_c: bool = False
+    down: nn.Linear | None = None  # a serial bottleneck's W_down: a = act(down(y_cur))
+    act: Any = None
 
 
 def _lora_part(layer: Any) -> Part:
@@ -104,7 +105,14 @@ def _bottleneck_part(layer: Any) -> Part:
         return layer.act(layer.adapter_down(h))  # (..., b)
 
     up = layer.adapter_up
-    return Part(a, lambda: (up.weight * layer.scaling, up.bias * layer.scaling), (up.weight, up.bias), True)
+    serial = not layer.parallel
+    return Part(
+        a,
+        lambda: (up.weight * layer.scaling, up.bias * layer.scaling),
+        (up.weight, up.bias, layer.adapter_down.weight, layer.adapter_down.bias),
+        layer.adapter_down if serial else None,
+        layer.act if serial else None,
+    )
 
 
 def _opaque_part(fn: DeltaFn) -> Part:
@@ -125,7 +133,16 @@ def part_of(fn: DeltaFn) -> Part:
     return _opaque_part(fn)
 
 
-Folded = tuple[Tensor, Tensor, Tensor, Tensor]  # G (d, R), rv (R,), U (d, R), M (R, N)
+@dataclass
+class Folded:
+    """The per-step matrices of the folded computation (R = sum of the adapters' widths)."""
+
+    G: Tensor  # (d, R + N): [Q^T K W_n]_n then [Q^T K c_n]_n
+    rv: Tensor  # (R,): (K W_n)^T b_Q
+    e: Tensor  # (N,): b_Q . K c_n
+    U: Tensor  # (d, R + N): [V W_n]_n then [V c_n]_n
+    M: Tensor  # (R, N): 0/1, sums each adapter's columns into its score
+    down: tuple[Tensor, Tensor] | None  # serial bottlenecks' W_down, b_down stacked: (R, d), (R,)
 
 
 class FusionLayer(SiteDelta):
@@ -146,7 +163,7 @@ class FusionLayer(SiteDelta):
         self.record = False
         self.last_attention: Tensor | None = None  # (..., N) when `record` is on
         self.last_names: list[str] | None = None  # whose attention each of the N columns is
-        self._cache: tuple[Any, Folded] | None = None
+        self._cache: tuple[Any, Folded] | None = None  # (key, matrices) for inference
 
     # ------------------------------------------------------------------ the formula
 
@@ -161,34 +178,45 @@ class FusionLayer(SiteDelta):
     # ------------------------------------------------------------------ folded
 
     def _folded_weights(self, parts: list[Part]) -> Folded:
-        """G = [Q^T K W_n | Q^T K c_n]_n, rv = G's query-bias row, U = [V W_n | V c_n]_n and
-        M, the (R, N) 0/1 matrix that sums each adapter's R-columns into its score."""
         Q, bq = self.fusion_query.weight, self.fusion_query.bias
         K, V = self.fusion_key.weight, self.fusion_value.weight
-        KWs, Us, sizes = [], [], []
+        KWs, Us, sizes, gc, uc, ec = [], [], [], [], [], []
         for p in parts:
             W, c = p.affine()
             if W is None:  # opaque: a_n is z_n itself, W_n = I
                 KWs.append(K)
                 Us.append(V)
                 sizes.append(self.d)
-                continue
-            cols = W.to(K.dtype)  # (d, r)
-            if c is not None:
-                cols = torch.cat([cols, c.to(K.dtype).unsqueeze(1)], dim=1)  # (d, r+1)
-            KWs.append(K @ cols)
-            Us.append(V @ cols)
-            sizes.append(cols.shape[1])
+            else:
+                W = W.to(K.dtype)  # (d, r)
+                KWs.append(K @ W)
+                Us.append(V @ W)
+                sizes.append(W.shape[1])
+            if c is None:
+                gc.append(bq.new_zeros(self.d))
+                uc.append(bq.new_zeros(self.d))
+                ec.append(bq.new_zeros(()))
+            else:
+                Kc = K @ c.to(K.dtype)  # (d,)
+                gc.append(Q.t() @ Kc)
+                uc.append(V @ c.to(K.dtype))
+                ec.append(bq @ Kc)
         KW = torch.cat(KWs, dim=1)  # (d, R)
-        G = Q.t() @ KW  # (d, R)
-        rv = KW.t() @ bq  # (R,)
-        U = torch.cat(Us, dim=1)  # (d, R)
+        G = torch.cat([Q.t() @ KW, torch.stack(gc, dim=1)], dim=1)  # (d, R + N)
+        U = torch.cat([*Us, torch.stack(uc, dim=1)], dim=1)  # (d, R + N)
         M = torch.zeros(sum(sizes), len(parts), dtype=K.dtype, device=K.device)
         start = 0
         for n, size in enumerate(sizes):
             M[start : start + size, n] = 1.0
             start += size
-        return G, rv, U, M
+        down = None
+        if all(p.down is not None and p.act is parts[0].act for p in parts):
+            # Serial bottlenecks all read y_cur: one matmul for every down-projection.
+            down = (
+                torch.cat([p.down.weight for p in parts], dim=0),  # type: ignore[union-attr]
+                torch.cat([p.down.bias for p in parts], dim=0),  # type: ignore[union-attr]
+            )
+        return Folded(G, KW.t() @ bq, torch.stack(ec), U, M, down)
 
     def _weights(self, parts: list[Part], key: Any) -> Folded:
         # Without autograd the folded matrices depend only on unchanged tensors: reuse them.
@@ -199,19 +227,23 @@ class FusionLayer(SiteDelta):
             self._cache = (key, self._folded_weights(parts))
         return self._cache[1]
 
-    def folded(self, h: Tensor, parts: list[Part], a: list[Tensor], key: Any = None) -> tuple[Tensor, Tensor]:
-        """The same as `direct` on z_n = W_n a_n + c_n, at O(d R) per token; returns (out, s)."""
-        G, rv, U, M = self._weights(parts, key)
-        feats = []
-        for p, a_n in zip(parts, a, strict=True):
-            a_n = a_n.to(h.dtype)
-            if p.has_c:
-                a_n = torch.cat([a_n, a_n.new_ones(*a_n.shape[:-1], 1)], dim=-1)  # (..., r+1)
-            feats.append(a_n)
-        A = torch.cat(feats, dim=-1)  # (..., R)
-        scores = ((h @ G + rv) * A) @ M  # (..., N): q . k_n
+    def folded(
+        self, h: Tensor, parts: list[Part], a: list[Tensor] | None, key: Any = None
+    ) -> tuple[Tensor, Tensor]:
+        """The same as `direct` on z_n = W_n a_n + c_n, at O(d R) per token; returns (out, s).
+
+        `a` holds each a_n; None computes them here (serial bottlenecks, in one matmul).
+        """
+        f = self._weights(parts, key)
+        R = f.M.shape[0]
+        if a is None:
+            A = parts[0].act(F.linear(h, *f.down))  # type: ignore[misc]  # (..., R)
+        else:
+            A = torch.cat([a_n.to(h.dtype) for a_n in a], dim=-1) if len(a) > 1 else a[0].to(h.dtype)
+        HG = h @ f.G  # (..., R + N)
+        scores = ((HG[..., :R] + f.rv) * A) @ f.M + HG[..., R:] + f.e  # (..., N): q . k_n
         s = torch.softmax(scores / self.temperature, dim=-1)  # (..., N)
-        out = (A * (s @ M.t())) @ U.t()  # (..., d): sum_n s_n V z_n
+        out = torch.cat([A * (s @ f.M.t()), s], dim=-1) @ f.U.t()  # (..., d): sum_n s_n V z_n
         return out, s
 
     # ------------------------------------------------------------------ as a site delta
@@ -219,9 +251,10 @@ class FusionLayer(SiteDelta):
     def bind(self, parts: list[Part], names: list[str] | None = None) -> DeltaFn:
         """The site's delta function fusing `parts` (the children present here, `names`)."""
         key_tensors = [t for p in parts for t in p.sources]
+        fast = all(p.down is not None and p.act is parts[0].act for p in parts)
 
         def delta(x: Tensor, y_base: Tensor, y_cur: Tensor, scale: float, rows: Any) -> Tensor:
-            a = [p.a(x, y_base, y_cur, rows) for p in parts]
+            a = None if fast else [p.a(x, y_base, y_cur, rows) for p in parts]
             key = tuple((id(t), t._version) for t in [*key_tensors, *self.parameters()])
             out, s = self.folded(y_cur, parts, a, key)
             if self.record:
