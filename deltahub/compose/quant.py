@@ -214,7 +214,7 @@ def guard_cpu_kernel(model: nn.Module, exact: bool = True) -> None:
 def use_packed_cpu_kernel(model: nn.Module) -> list[str]:
     """Let bitsandbytes' fast bfloat16 CPU kernel run wherever the shape allows; return the
     names of the layers that stay on the exact dequantize-then-matmul path."""
-    fast = bool(bnb().functional.has_avx512bf16())
+    fast = bool(getattr(bnb().functional, "has_avx512bf16", lambda: False)())  # older bnb: no packed kernel
     slow = []
     for name, m in model.named_modules():
         if is_4bit(m):
