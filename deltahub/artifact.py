@@ -42,6 +42,10 @@ README_FILE = "README.md"
 REQUIRED_FILES = (WEIGHTS_FILE, CONFIG_FILE)
 KNOWN_FILES = (WEIGHTS_FILE, CONFIG_FILE, MANIFEST_FILE, README_FILE)
 
+# A classification head trained with an adapter (deltahub train/fuse) is stored beside it
+# in adapter_model.safetensors under this prefix; it is not a delta of the base.
+TASK_HEAD_PREFIX = "deltahub_head."
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Pickle protocol 2+ starts with 0x80 <proto>; torch.save zips start with "PK\x03\x04".
 PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")

@@ -45,11 +45,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from deltahub import artifact as af
 from deltahub.artifact import TensorInfo, register_config_checker
 from deltahub.errors import InvalidArtifact
 
 BOTTLENECK_VARIANTS = ("houlsby", "pfeiffer", "parallel")
-HEAD_PREFIX = "deltahub_head."  # task-head tensors stored beside any method's weights
+HEAD_PREFIX = af.TASK_HEAD_PREFIX  # task-head tensors stored beside any method's weights
 NON_LINEARITIES = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh")
 BOTTLENECK_PARTS = {
     "adapter_down.weight": 2,

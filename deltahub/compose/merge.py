@@ -522,8 +522,12 @@ def merge_adapters(
             f"the adapters were made for different bases ({listing}); merge same-base adapters"
         )
     artifacts = [registry.open(v) for v in versions]
+    # Task heads (deltahub train) are not deltas of the base: the merge leaves them out.
+    loaded = [load_tensors(a) for a in artifacts]
+    heads = any(k.startswith(af.TASK_HEAD_PREFIX) for t in loaded for k in t)
+    loaded = [{k: t for k, t in ts.items() if not k.startswith(af.TASK_HEAD_PREFIX)} for ts in loaded]
     tensors, config = merge_loras(
-        [(a.config, load_tensors(a)) for a in artifacts],
+        [(a.config, ts) for a, ts in zip(artifacts, loaded, strict=True)],
         method,
         weights,
         density=density,
@@ -541,6 +545,8 @@ def merge_adapters(
     }
     if method in ("ties", "dare_ties"):
         options["majority_sign_method"] = majority_sign_method
+    if heads:
+        options["task_heads"] = "dropped: a merge combines LoRA deltas only"
     base_model = next((v.base_model for v in versions if v.base_model), None)
     with tempfile.TemporaryDirectory(prefix="deltahub-merge-") as tmp:
         af.write_dir(tmp, tensors, config)
