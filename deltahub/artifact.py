@@ -144,8 +144,11 @@ def read_safetensors_header(path: Path | str) -> dict[str, TensorInfo]:
         prefix = f.read(8)
         if len(prefix) < 8:
             raise InvalidArtifact("truncated", f"{path.name} is {size} bytes, too short for a header")
-        if any(prefix.startswith(m) for m in PICKLE_MAGIC):
+        # A header length such as 640 (b"\x80\x02...") looks like pickle magic; a real
+        # safetensors header then starts with "{".
+        if any(prefix.startswith(m) for m in PICKLE_MAGIC) and f.read(1) != b"{":
             raise InvalidArtifact("pickle-file", f"{path.name} holds pickle/zip bytes, not safetensors")
+        f.seek(8)
         (n,) = struct.unpack("<Q", prefix)
         if n > MAX_HEADER_BYTES:
             raise InvalidArtifact(
