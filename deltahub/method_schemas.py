@@ -247,3 +247,108 @@ def check_fusion_config(config: dict[str, Any], tensors: dict[str, TensorInfo]) 
 
 
 register_config_checker("fusion", check_fusion_config)
+
+
+# --------------------------------------------------------------------------- IA3 (PEFT)
+#
+# PEFT's IA3 format unchanged: {"peft_type": "IA3", "target_modules": [...] | regex,
+# "feedforward_modules": [...] | regex | null, ...} and one tensor per module,
+# `base_model.model.<module>.ia3_l`, shaped (d_out, 1) (output scaling) or (1, d_in)
+# (feed-forward modules: input scaling).
+
+
+def _str_or_list(config: dict[str, Any], key: str, required: bool) -> None:
+    value = config.get(key)
+    if value is None and not required:
+        return
+    if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+        raise _bad(f"{key} must be a module name list or a regex, got {value!r}")
+
+
+def check_ia3_config(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> None:
+    """Field types, and every tensor an `ia3_l` vector shaped (n, 1) or (1, n)."""
+    _str_or_list(config, "target_modules", required=True)
+    _str_or_list(config, "feedforward_modules", required=False)
+    if "fan_in_fan_out" in config and not isinstance(config["fan_in_fan_out"], bool):
+        raise _bad("fan_in_fan_out must be true or false")
+    found = 0
+    for name, info in tensors.items():
+        if name.startswith(HEAD_PREFIX):
+            continue
+        if not name.endswith(".ia3_l"):
+            raise InvalidArtifact("config-shape", f"tensor {name!r} is not an IA3 vector (<module>.ia3_l)")
+        if len(info.shape) != 2 or 1 not in info.shape or min(info.shape) < 1:
+            raise InvalidArtifact(
+                "shape-mismatch", f"{name} has shape {list(info.shape)}, expected (n, 1) or (1, n)"
+            )
+        found += 1
+    if not found:
+        raise InvalidArtifact("config-shape", "an IA3 artifact needs at least one ia3_l vector")
+
+
+register_config_checker("ia3", check_ia3_config)
+
+
+# --------------------------------------------------------------------------- BitFit, SSF
+#
+# BitFit: {"method": "bitfit", "target_modules": [...] | regex | "all-linear" | null,
+# "base_model_type": str | null}; tensors `<module>.bitfit_bias` (d,), the bias changes.
+# SSF: {"method": "ssf", "target_modules": ..., "include_norms": bool, "base_model_type": ...};
+# tensors `<module>.ssf_scale` (d,) and optionally `<module>.ssf_shift` (d,).
+
+
+def _check_known(config: dict[str, Any], known: set[str], method: str) -> None:
+    unknown = set(config) - known
+    if unknown:
+        raise _bad(f"unknown {method} config fields {sorted(unknown)} (known: {sorted(known)})")
+    if config.get("base_model_type") is not None and not isinstance(config["base_model_type"], str):
+        raise _bad("base_model_type must be a string or null")
+
+
+def check_bitfit_config(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> None:
+    """Schema, and every tensor a 1-D `bitfit_bias`."""
+    _check_known(config, {"method", "target_modules", "base_model_type"}, "bitfit")
+    _str_or_list(config, "target_modules", required=False)
+    names = [n for n in tensors if not n.startswith(HEAD_PREFIX)]
+    if not names:
+        raise InvalidArtifact("config-shape", "a BitFit artifact needs at least one bias")
+    for name in names:
+        if not name.endswith(".bitfit_bias"):
+            raise InvalidArtifact(
+                "config-shape", f"tensor {name!r} is not a BitFit bias (<module>.bitfit_bias)"
+            )
+        if len(tensors[name].shape) != 1:
+            raise InvalidArtifact(
+                "shape-mismatch", f"{name} has shape {list(tensors[name].shape)}, expected (d,)"
+            )
+
+
+def check_ssf_config(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> None:
+    """Schema, and per module a (d,) scale and at most one (d,) shift of the same size."""
+    _check_known(config, {"method", "target_modules", "include_norms", "base_model_type"}, "ssf")
+    _str_or_list(config, "target_modules", required=False)
+    if "include_norms" in config and not isinstance(config["include_norms"], bool):
+        raise _bad("include_norms must be true or false")
+    sites: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, info in tensors.items():
+        if name.startswith(HEAD_PREFIX):
+            continue
+        part = next((p for p in ("ssf_scale", "ssf_shift") if name.endswith("." + p)), None)
+        if part is None:
+            raise InvalidArtifact(
+                "config-shape", f"tensor {name!r} is not an SSF vector (ssf_scale, ssf_shift)"
+            )
+        if len(info.shape) != 1:
+            raise InvalidArtifact("shape-mismatch", f"{name} has shape {list(info.shape)}, expected (d,)")
+        sites.setdefault(name[: -len(part) - 1], {})[part] = info.shape
+    if not sites:
+        raise InvalidArtifact("config-shape", "an SSF artifact needs at least one site")
+    for site, parts in sites.items():
+        if "ssf_scale" not in parts:
+            raise InvalidArtifact("shape-mismatch", f"SSF site {site} lacks ssf_scale")
+        if len(set(parts.values())) != 1:
+            raise InvalidArtifact("shape-mismatch", f"SSF site {site}: scale and shift differ in size")
+
+
+register_config_checker("bitfit", check_bitfit_config)
+register_config_checker("ssf", check_ssf_config)

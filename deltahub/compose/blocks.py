@@ -25,6 +25,20 @@ module's output, `x` its input and d_i the change adapter i alone makes:
 
 Blocks nest (`Sum(Stack("a", "b"), "c")`). A weight on a nested block scales each delta
 inside it.
+
+Composition rules per method (checked by `check_composition` at `activate` and for
+per-row routing; `composition_rules()` returns this table):
+
+| method | Stack | Sum | Average | Fuse | per-row | merge |
+|---|---|---|---|---|---|---|
+| lora / rslora | = Sum with weights 1 (reads the module input) | exact sum of deltas W + sum w_i s_i B_i A_i | y0 + sum p_i d_i | yes | yes | exact |
+| dora | = Sum with weights 1 | each adapter's effect added | y0 + sum p_i d_i | yes | yes | exact |
+| bottleneck (serial) | b reads a's output: y1 + f_b(y1) | y0 + sum w_i f_i(y0) | y0 + sum p_i f_i(y0) | yes | yes | no |
+| bottleneck (parallel) | = Sum with weights 1 | y0 + sum w_i f_i(x) | y0 + sum p_i f_i(x) | yes | yes | no |
+| ia3 | refused (the product of vectors: merge a, activate b) | offsets add: l = 1 + sum w_i (l_i - 1) | vectors averaged: l = sum p_i l_i | yes | yes | exact |
+| bitfit | shifts add (= Sum with weights 1) | b = b0 + sum w_i db_i | b = b0 + sum p_i db_i | no | yes | exact |
+| ssf | affine maps compose: g_b (g_a y + b_a) + b_b | y0 + sum w_i ((g_i - 1) y0 + b_i) | g, b averaged: sum p_i g_i, sum p_i b_i | no | yes | exact |
+| prompt / prefix / ptuning-v2 | refused | refused | refused | refused | refused | no (they add positions, not weights) |
 """
 
 from __future__ import annotations
@@ -34,7 +48,7 @@ from typing import Any, Union
 
 from torch import Tensor
 
-from deltahub.errors import InvalidConfig
+from deltahub.errors import InvalidConfig, Unsupported
 
 # (x, y_base, y_cur, scale, rows) -> change of the module output
 DeltaFn = Callable[[Tensor, Tensor, Tensor, float, Any], Tensor]
@@ -174,3 +188,38 @@ def as_block(target: Node | Sequence[str]) -> Node:
     raise InvalidConfig(
         f"activate() takes an adapter name or a block (Stack/Sum/Average/Fuse), got {target!r}"
     )
+
+
+def composition_rules() -> str:
+    """The per-method composition table (Markdown), as in this module's docstring."""
+    doc = __doc__ or ""
+    start = doc.index("| method |")
+    return doc[start:].strip() + "\n"
+
+
+def _kind(block: Block) -> str:
+    return {Stack: "stack", Sum: "sum", Average: "average", Fuse: "fuse"}.get(
+        type(block), type(block).__name__
+    )
+
+
+def check_composition(node: Node, adapters: dict[str, Any]) -> None:
+    """Raise `Unsupported` if a block combines adapters whose method gives it no meaning.
+
+    `adapters` maps names to `AdapterModule`s; each declares the compositions it supports
+    in `supports` ("stack", "sum", "average", "fuse", "route").
+    """
+    if isinstance(node, str):
+        return
+    kind = _kind(node)
+    for name in node.names():
+        adapter = adapters[name]
+        supported = getattr(adapter, "supports", None)
+        if supported is not None and kind not in supported:
+            raise Unsupported(
+                f"{type(node).__name__} over {adapter.method} adapter {name!r} has no meaning here "
+                f"({adapter.method} supports: {', '.join(sorted(supported)) or 'activation alone'}); "
+                "see deltahub.compose.blocks.composition_rules()"
+            )
+    for child in node.children:
+        check_composition(child, adapters)

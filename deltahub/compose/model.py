@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from deltahub import artifact as af
 from deltahub.compose.base import fingerprint_of
-from deltahub.compose.blocks import Block, DeltaFn, Node, as_block
+from deltahub.compose.blocks import Block, DeltaFn, Node, as_block, check_composition
 from deltahub.compose.inject import Site, is_bnb_linear
 from deltahub.compose.methods import get_method
 from deltahub.compose.methods.common import AdapterModule
@@ -255,6 +255,7 @@ class AdaptedModel(nn.Module):
         block = as_block(target)
         names = _names(block)
         self._check_usable(names)
+        check_composition(block, {n: self._adapters[n] for n in names})
         paths = {p for n in names for p in self._adapters[n].paths}
         fns: dict[str, Any] = {}
         for path in paths:
@@ -282,6 +283,12 @@ class AdaptedModel(nn.Module):
         """Within the block, each row runs its own adapter (None: the base alone)."""
         route = Route(adapter_names)
         self._check_usable(route.keys)
+        for n in route.keys:
+            if "route" not in getattr(self._adapters[n], "supports", ("route",)):
+                raise Unsupported(
+                    f"adapter {n!r} ({self._adapters[n].method}) cannot be routed per row: it changes "
+                    "the sequence, not just the rows; run its rows in a separate batch with activate()"
+                )
         adapters = [self._adapters[n] for n in route.keys]
         paths = {p for a in adapters for p in a.paths}
         saved = {p: self._sites[p].module.__dict__.get("forward") for p in paths | self._active_paths}

@@ -19,7 +19,15 @@ from deltahub.errors import Unsupported
 
 _METHODS: dict[str, Any] = {}
 # Modules that register a method on import; loaded on first lookup.
-_BUILTIN = ("deltahub.compose.methods.lora", "deltahub.compose.methods.bottleneck", "deltahub.fusion.layer")
+_BUILTIN = (
+    "deltahub.compose.methods.lora",
+    "deltahub.compose.methods.bottleneck",
+    "deltahub.compose.methods.ia3",
+    "deltahub.compose.methods.bitfit",
+    "deltahub.compose.methods.ssf",
+    "deltahub.compose.methods.prompt",
+    "deltahub.fusion.layer",
+)
 
 
 def register_method(name: str, cls: Any) -> None:

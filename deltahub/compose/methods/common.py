@@ -47,6 +47,8 @@ class AdapterModule(nn.Module):
 
     method: str = ""
     mergeable: bool = False
+    # Which compositions have a meaning for this method (checked by `blocks.check_composition`).
+    supports: frozenset[str] = frozenset({"stack", "sum", "average", "fuse", "route"})
 
     def __init__(self, config: dict[str, Any], paths: list[str], layers: list[SiteDelta]) -> None:
         super().__init__()
