@@ -37,10 +37,15 @@ def make_artifact(path: Path, seed: int) -> Path:
     prefix = "base_model.model.model.layers.0.self_attn.q_proj"
     path.mkdir(parents=True)
     save_file(
-        {f"{prefix}.lora_A.weight": torch.randn(8, 64, generator=g), f"{prefix}.lora_B.weight": torch.randn(64, 8, generator=g)},
+        {
+            f"{prefix}.lora_A.weight": torch.randn(8, 64, generator=g),
+            f"{prefix}.lora_B.weight": torch.randn(64, 8, generator=g),
+        },
         str(path / af.WEIGHTS_FILE),
     )
-    (path / af.CONFIG_FILE).write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}))
+    (path / af.CONFIG_FILE).write_text(
+        json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]})
+    )
     return path
 
 
@@ -123,7 +128,9 @@ def main() -> None:
     ]
     for key in small:
         s, lg = small[key], large[key]
-        lines.append(f"| {key} | {s['median_ms']:.2f} ms | {s['p95_ms']:.2f} ms | {lg['median_ms']:.2f} ms | {lg['p95_ms']:.2f} ms |")
+        lines.append(
+            f"| {key} | {s['median_ms']:.2f} ms | {s['p95_ms']:.2f} ms | {lg['median_ms']:.2f} ms | {lg['p95_ms']:.2f} ms |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -25,11 +25,11 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from deltahub.artifact import Artifact, Manifest
-    from deltahub.compose.base import load_base
-    from deltahub.compose.blocks import Average, Fuse, Stack, Sum
-    from deltahub.compose.model import AdaptedModel
-    from deltahub.registry import Registry, Version, parse_ref
+    from deltahub.artifact import Artifact, Manifest  # noqa: F401
+    from deltahub.compose.base import load_base  # noqa: F401
+    from deltahub.compose.blocks import Average, Fuse, Stack, Sum  # noqa: F401
+    from deltahub.compose.model import AdaptedModel  # noqa: F401
+    from deltahub.registry import Registry, Version, parse_ref  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

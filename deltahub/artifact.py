@@ -20,10 +20,11 @@ import json
 import math
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from deltahub import __version__
 from deltahub.errors import InvalidArtifact
@@ -126,9 +127,7 @@ def check_not_pickle(path: Path) -> None:
     with open(path, "rb") as f:
         head = f.read(4)
     if any(head.startswith(m) for m in PICKLE_MAGIC):
-        raise InvalidArtifact(
-            "pickle-file", f"{path.name} holds pickle/zip bytes, not safetensors or JSON"
-        )
+        raise InvalidArtifact("pickle-file", f"{path.name} holds pickle/zip bytes, not safetensors or JSON")
 
 
 def read_safetensors_header(path: Path | str) -> dict[str, TensorInfo]:
@@ -180,9 +179,7 @@ def read_safetensors_header(path: Path | str) -> dict[str, TensorInfo]:
     for name, entry in header.items():
         check_tensor_name(name)
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise InvalidArtifact(
-                "header-entry", f"tensor {name!r} needs exactly dtype, shape, data_offsets"
-            )
+            raise InvalidArtifact("header-entry", f"tensor {name!r} needs exactly dtype, shape, data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if dtype not in DTYPE_BYTES:
             raise InvalidArtifact("dtype", f"tensor {name!r} has unknown dtype {dtype!r}")
@@ -214,9 +211,7 @@ def read_safetensors_header(path: Path | str) -> dict[str, TensorInfo]:
         end = info.offsets[1]
     if 8 + n + end != size:
         rule = "truncated" if 8 + n + end > size else "trailing-bytes"
-        raise InvalidArtifact(
-            rule, f"{path.name} is {size} bytes; its header describes {8 + n + end}"
-        )
+        raise InvalidArtifact(rule, f"{path.name} is {size} bytes; its header describes {8 + n + end}")
     return tensors
 
 
@@ -265,7 +260,7 @@ def method_of(config: dict[str, Any]) -> str:
 
 def _need(config: dict[str, Any], key: str, types: tuple[type, ...], what: str) -> Any:
     value = config.get(key)
-    if not isinstance(value, types) or isinstance(value, bool) and bool not in types:
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         raise InvalidArtifact("config-schema", f"config field {key!r} must be {what}, got {value!r}")
     return value
 
@@ -278,12 +273,20 @@ def module_of(tensor_name: str, marker: str) -> str | None:
     return ".".join(parts[: parts.index(marker)])
 
 
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    # PEFT matches rank_pattern/alpha_pattern keys as a regex suffix of the module name.
-    for key, value in patterns.items():
-        if re.fullmatch(rf"(.*\.)?{key}", module):
+def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
+    """PEFT's rank_pattern/alpha_pattern lookup (`get_pattern_key`): the value of the first
+    key k with re.match(rf"(.*\\.)?({k})$", module), else `default`."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
+
+
+def lora_scaling(config: dict[str, Any], module: str, r: int) -> float:
+    """PEFT's scaling s of one LoRA module: alpha / r, or alpha / sqrt(r) with rsLoRA
+    (Kalajdzievski 2023), alpha taken per module from alpha_pattern."""
+    alpha = float(pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
 def check_lora_config(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> None:
@@ -294,7 +297,7 @@ def check_lora_config(config: dict[str, Any], tensors: dict[str, TensorInfo]) ->
     _need(config, "lora_alpha", (int, float), "a number")
     tm = config.get("target_modules")
     if tm is not None and not (
-        isinstance(tm, str) or isinstance(tm, list) and all(isinstance(t, str) for t in tm)
+        isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))
     ):
         raise InvalidArtifact("config-schema", f"target_modules must be a string or a list, got {tm!r}")
     for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
@@ -311,7 +314,9 @@ def check_lora_config(config: dict[str, Any], tensors: dict[str, TensorInfo]) ->
             module = module_of(name, marker)
             if module is not None and name.endswith(".weight"):
                 if len(info.shape) < 2:
-                    raise InvalidArtifact("shape-mismatch", f"{name} has shape {list(info.shape)}, expected 2-D")
+                    raise InvalidArtifact(
+                        "shape-mismatch", f"{name} has shape {list(info.shape)}, expected 2-D"
+                    )
                 shapes[module] = info.shape
     if not a_shapes:
         raise InvalidArtifact("config-shape", "a LoRA artifact needs at least one lora_A weight")
@@ -320,7 +325,7 @@ def check_lora_config(config: dict[str, Any], tensors: dict[str, TensorInfo]) ->
         raise InvalidArtifact("shape-mismatch", f"module {missing} lacks its lora_A or lora_B weight")
     for module, a in a_shapes.items():
         b = b_shapes[module]
-        expected = _pattern_value(rank_pattern, module, r)
+        expected = pattern_value(rank_pattern, module, r)
         if a[0] != expected or b[1] != expected:
             raise InvalidArtifact(
                 "shape-mismatch",
@@ -463,7 +468,9 @@ def load_files(files: dict[str, Path]) -> Artifact:
             raise InvalidArtifact("missing-file", f"the artifact has no {name}")
     for name, path in files.items():
         if name not in KNOWN_FILES:
-            raise InvalidArtifact("unknown-file", f"{name!r} is not an artifact file ({', '.join(KNOWN_FILES)})")
+            raise InvalidArtifact(
+                "unknown-file", f"{name!r} is not an artifact file ({', '.join(KNOWN_FILES)})"
+            )
         if name != WEIGHTS_FILE:
             check_not_pickle(path)
     tensors = read_safetensors_header(files[WEIGHTS_FILE])
@@ -471,7 +478,9 @@ def load_files(files: dict[str, Path]) -> Artifact:
     method = validate(config, tensors)
     manifest = None
     if MANIFEST_FILE in files:
-        manifest = Manifest.from_dict(read_json_file(files[MANIFEST_FILE], MAX_MANIFEST_BYTES, "manifest-json"))
+        manifest = Manifest.from_dict(
+            read_json_file(files[MANIFEST_FILE], MAX_MANIFEST_BYTES, "manifest-json")
+        )
         if manifest.method != method:
             raise InvalidArtifact(
                 "manifest-schema", f"manifest says method {manifest.method!r}, config says {method!r}"
@@ -530,5 +539,7 @@ def artifact_digest(file_digests: dict[str, str]) -> str:
     """
     import hashlib
 
-    canonical = json.dumps({"files": dict(sorted(file_digests.items()))}, sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(
+        {"files": dict(sorted(file_digests.items()))}, sort_keys=True, separators=(",", ":")
+    )
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()

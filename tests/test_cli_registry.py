@@ -63,14 +63,26 @@ def test_duplicate_version_is_refused(runner: CliRunner, art: Path) -> None:
 
 
 def test_list_search_show_json_fields(runner: CliRunner, art: Path) -> None:
-    invoke(runner, "publish", str(art), "--name", "alpha", "--task", "sentiment", "--description", "movie reviews")
+    invoke(
+        runner,
+        "publish",
+        str(art),
+        "--name",
+        "alpha",
+        "--task",
+        "sentiment",
+        "--description",
+        "movie reviews",
+    )
     invoke(runner, "publish", str(art), "--name", "beta", "--task", "topic")
     table = invoke(runner, "list")
     assert table.exit_code == 0 and "alpha" in table.output and "beta" in table.output
     listed = json.loads(invoke(runner, "list", "--json").output)
     required = {"name", "version", "digest", "method", "base_model", "tags", "parents", "created"}
     assert [d["name"] for d in listed] == ["alpha", "beta"] and all(required <= set(d) for d in listed)
-    assert [d["name"] for d in json.loads(invoke(runner, "list", "--task", "topic", "--json").output)] == ["beta"]
+    assert [d["name"] for d in json.loads(invoke(runner, "list", "--task", "topic", "--json").output)] == [
+        "beta"
+    ]
     found = json.loads(invoke(runner, "search", "movie", "--json").output)
     assert [d["name"] for d in found] == ["alpha"]
     assert "nothing matches" in invoke(runner, "search", "zebra").output
@@ -106,7 +118,9 @@ def test_tag_export_rm_verify_gc(runner: CliRunner, art: Path, tmp_path: Path) -
 
     out = tmp_path / "exported"
     assert invoke(runner, "export", "t@1", str(out)).exit_code == 0
-    assert (out / "adapter_model.safetensors").read_bytes() == (art / "adapter_model.safetensors").read_bytes()
+    assert (out / "adapter_model.safetensors").read_bytes() == (
+        art / "adapter_model.safetensors"
+    ).read_bytes()
     assert invoke(runner, "export", "t@1", str(out)).exit_code == 5  # refuses to overwrite
 
     assert invoke(runner, "rm", "t@2", "--yes").exit_code == 0

@@ -101,8 +101,12 @@ def test_parse_ref_kinds() -> None:
 
 def test_list_filters_and_search(lora_dir: Path) -> None:
     registry = Registry()
-    registry.publish(lora_dir, name="sent", task="sentiment", description="movie review polarity", base_model="llama-tiny")
-    registry.publish(lora_dir, name="topic", task="topics", description="news topic classifier", base_model="other")
+    registry.publish(
+        lora_dir, name="sent", task="sentiment", description="movie review polarity", base_model="llama-tiny"
+    )
+    registry.publish(
+        lora_dir, name="topic", task="topics", description="news topic classifier", base_model="other"
+    )
     registry.publish(lora_dir, name="sent")  # a second version inherits description, task, base
     assert registry.resolve("sent@2").description == "movie review polarity"
     assert [v.full_name for v in registry.list(base_model="llama-tiny")] == ["sent"]
@@ -211,7 +215,9 @@ def test_commit_is_idempotent_and_refuses_conflicts(lora_dir: Path, lora_dir_b: 
         target.commit(other.files)
 
 
-def test_committing_an_older_version_does_not_move_latest(lora_dir: Path, lora_dir_b: Path, tmp_path: Path) -> None:
+def test_committing_an_older_version_does_not_move_latest(
+    lora_dir: Path, lora_dir_b: Path, tmp_path: Path
+) -> None:
     source = Registry(tmp_path / "source")
     v1 = source.publish(lora_dir, name="p")
     v2 = source.publish(lora_dir_b, name="p")

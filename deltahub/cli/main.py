@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 
 import click
@@ -33,6 +34,9 @@ def cli(home: str | None) -> None:
     """deltahub: publish, pull, activate, compose, fuse and diff adapters."""
     # transformers draws a bar for every weight load; our commands draw their own progress.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # transformers imports bitsandbytes, which warns that an optional CPU kernel package
+    # (`kernels`) is absent; its exact fallback path is what we use anyway.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     if home:
         os.environ["DELTAHUB_HOME"] = home
 

@@ -19,7 +19,9 @@ from deltahub.cli.output import handle_errors, json_option, print_json
     type=click.Path(exists=True, file_okay=False),
     help="Base model directory with a tokenizer (default: all-MiniLM-L6-v2 if installed, else a small BERT).",
 )
-@click.option("--epochs", default=4, show_default=True, type=click.IntRange(1, 50), help="Epochs per adapter.")
+@click.option(
+    "--epochs", default=4, show_default=True, type=click.IntRange(1, 50), help="Epochs per adapter."
+)
 @json_option
 @handle_errors
 def quickstart(qs_home: str | None, base: str | None, epochs: int, as_json: bool) -> None:

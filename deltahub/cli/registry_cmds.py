@@ -227,7 +227,9 @@ def verify(as_json: bool) -> None:
     """Re-hash every blob and check every row; exit 1 if anything is wrong."""
     report = _registry().verify()
     if as_json:
-        print_json({"ok": report.ok, "versions": report.versions, "blobs": report.blobs, "problems": report.problems})
+        print_json(
+            {"ok": report.ok, "versions": report.versions, "blobs": report.blobs, "problems": report.problems}
+        )
     else:
         for problem in report.problems:
             click.echo(f"problem: {problem}")
@@ -251,9 +253,13 @@ def gc(grace: float, as_json: bool) -> None:
     """Delete blobs no version references (older than the grace period)."""
     report = _registry().gc(grace_seconds=grace)
     if as_json:
-        print_json({"removed": report.removed, "bytes_freed": report.bytes_freed, "tmp_removed": report.tmp_removed})
+        print_json(
+            {"removed": report.removed, "bytes_freed": report.bytes_freed, "tmp_removed": report.tmp_removed}
+        )
     else:
-        click.echo(f"removed {len(report.removed)} blobs ({report.bytes_freed:,} bytes), {report.tmp_removed} temp files")
+        click.echo(
+            f"removed {len(report.removed)} blobs ({report.bytes_freed:,} bytes), {report.tmp_removed} temp files"
+        )
 
 
 def register(cli: click.Group) -> None:

@@ -105,14 +105,6 @@ class LoraModule:
         return self.B.shape[0], self.A.shape[1]
 
 
-def _pattern_lookup(patterns: Mapping[str, Any], key: str, default: Any) -> Any:
-    # PEFT's get_pattern_key: the first pattern that matches a dotted suffix of the key.
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", key):
-            return value
-    return default
-
-
 def peft_key(module: str) -> str:
     """The module's name inside the base model, which PEFT matches patterns against."""
     return module.removeprefix(PEFT_PREFIX)
@@ -134,9 +126,6 @@ def lora_modules(config: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> di
                 f"tensor {name!r} is not a lora_A/lora_B weight or DoRA magnitude; merge handles "
                 "LoRA on linear layers only (not embeddings, convolutions, biases or saved modules)"
             )
-    use_rslora = bool(config.get("use_rslora", False))
-    alpha0 = float(config["lora_alpha"])
-    alpha_pattern = config.get("alpha_pattern") or {}
     out: dict[str, LoraModule] = {}
     for module, p in parts.items():
         if "A" not in p or "B" not in p:
@@ -148,8 +137,7 @@ def lora_modules(config: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> di
                 "factors of one rank; only linear-layer LoRA can be merged"
             )
         r = A.shape[0]
-        alpha = float(_pattern_lookup(alpha_pattern, peft_key(module), alpha0))
-        scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        scaling = af.lora_scaling(dict(config), peft_key(module), r)
         out[module] = LoraModule(A=A, B=B, scaling=scaling, magnitude=p.get("m"))
     return out
 

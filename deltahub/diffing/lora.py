@@ -17,11 +17,10 @@ The scaling s follows PEFT: lora_alpha / r, or lora_alpha / sqrt(r) with use_rsl
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
-from deltahub.artifact import TensorInfo
+from deltahub.artifact import TensorInfo, lora_scaling
 from deltahub.compose import lowrank
 from deltahub.diffing.report import ModuleDiff
 from deltahub.diffing.tensors import Weights
@@ -44,20 +43,9 @@ class LoraModule:
     shape: tuple[int, int]  # (d_out, d_in) of dW
 
 
-def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    # PEFT's get_pattern_key: a key matches when it is a regex suffix of the module path.
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
 def scaling(config: dict[str, Any], module: str, rank: int) -> float:
-    """PEFT's scaling of one module: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-    alpha = _pattern(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
-    if config.get("use_rslora"):
-        return float(alpha) / math.sqrt(rank)
-    return float(alpha) / rank
+    """PEFT's scaling of one module (see `artifact.lora_scaling`)."""
+    return lora_scaling({"lora_alpha": rank, **config}, module, rank)
 
 
 def lora_modules(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> dict[str, LoraModule]:

@@ -222,6 +222,22 @@ class _BestEpoch:
                     p.copy_(self.snapshot[k])
 
 
+def _quiet_progress() -> type:
+    from transformers.trainer_callback import ProgressCallback
+
+    class QuietProgress(ProgressCallback):
+        """One training bar: no log dict per epoch, no nested evaluation bars (the caller
+        reports the metrics once)."""
+
+        def on_log(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def on_prediction_step(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    return QuietProgress
+
+
 def run(
     task_model: TaskModel,
     train_ds: Dataset,
@@ -285,6 +301,11 @@ def run(
             from transformers.trainer_callback import PrinterCallback
 
             trainer.remove_callback(PrinterCallback)  # it prints each epoch's logs on stdout
+        else:
+            from transformers.trainer_callback import ProgressCallback
+
+            trainer.remove_callback(ProgressCallback)
+            trainer.add_callback(_quiet_progress())
         out = trainer.train()
         keeper.restore()
         metrics: dict[str, float] = {

@@ -58,7 +58,9 @@ def m001_initial(db: Database) -> None:
         pk=("full_name", "tag"),
         foreign_keys=[("version_id", "versions", "id")],
     )
-    db["versions"].enable_fts(["full_name", "description", "task", "method", "base_model"], create_triggers=True)
+    db["versions"].enable_fts(
+        ["full_name", "description", "task", "method", "base_model"], create_triggers=True
+    )
 
 
 def connect(path: Path) -> Database:

@@ -76,5 +76,7 @@ def parse_ref(text: str) -> Ref:
         if not DIGEST_PREFIX_RE.match(selector):
             raise InvalidRef(f"{selector!r}: a digest selector is sha256: and 6 to 64 lowercase hex digits")
     elif not (VERSION_RE.match(selector) or TAG_RE.match(selector)):
-        raise InvalidRef(f"{selector!r} is neither a version (starts with a digit) nor a tag (starts with a letter)")
+        raise InvalidRef(
+            f"{selector!r} is neither a version (starts with a digit) nor a tag (starts with a letter)"
+        )
     return Ref(ns, name, selector)

@@ -201,7 +201,9 @@ class Registry:
             raise NotFound(f"blobs not in the store: {', '.join(sorted(missing))}")
         artifact = af.load_files({f: self.store.path(d) for f, d in files.items()})
         if artifact.manifest is None or artifact.manifest.version is None:
-            raise InvalidArtifact("manifest-schema", "a committed version needs a deltahub.json naming its version")
+            raise InvalidArtifact(
+                "manifest-schema", "a committed version needs a deltahub.json naming its version"
+            )
         manifest = artifact.manifest
         check_name(manifest.name)
         check_version(manifest.version)
@@ -244,7 +246,10 @@ class Registry:
             if not self.store.has(digest):  # gc may have raced a very slow publisher
                 raise IntegrityError(f"blob {digest} for {fname} vanished before commit; publish again")
         files = {fname: d for fname, (d, _) in blobs.items()}
-        seq = (self.db.execute("select max(seq) from versions where full_name = ?", [full_name]).fetchone()[0] or 0) + 1
+        seq = (
+            self.db.execute("select max(seq) from versions where full_name = ?", [full_name]).fetchone()[0]
+            or 0
+        ) + 1
         row = {
             "full_name": full_name,
             "namespace": ns or "",
@@ -332,7 +337,7 @@ class Registry:
     def _by_digest(self, digest: str, full_name: str | None = None) -> dict[str, Any]:
         where, params = "digest like ?", [digest + "%"]
         if full_name is not None:
-            where, params = where + " and full_name = ?", params + [full_name]
+            where, params = where + " and full_name = ?", [*params, full_name]
         rows = list(self.db["versions"].rows_where(where, params, limit=2))
         if not rows:
             scope = f" for {full_name}" if full_name else ""
@@ -358,9 +363,13 @@ class Registry:
             ).fetchone()
             row = self._row_by_id(found[0]) if found else None
         if row is None:
-            if not self.db.execute("select 1 from versions where full_name = ? limit 1", [r.full_name]).fetchone():
+            if not self.db.execute(
+                "select 1 from versions where full_name = ? limit 1", [r.full_name]
+            ).fetchone():
                 raise NotFound(f"no adapter named {r.full_name!r} in {self.home} (see `deltahub list`)")
-            raise NotFound(f"{r.full_name} has no {r.kind} {r.selector!r} (see `deltahub show {r.full_name} --versions`)")
+            raise NotFound(
+                f"{r.full_name} has no {r.kind} {r.selector!r} (see `deltahub show {r.full_name} --versions`)"
+            )
         return self._version(row)
 
     def by_digest(self, digest: str) -> Version:
@@ -381,7 +390,9 @@ class Registry:
         files = {f: self.store.path(d) for f, d in v.files.items()}
         for f, p in files.items():
             if not p.is_file():
-                raise IntegrityError(f"{v.ref}: blob of {f} is missing from the store (run `deltahub verify`)")
+                raise IntegrityError(
+                    f"{v.ref}: blob of {f} is missing from the store (run `deltahub verify`)"
+                )
         return af.load_files(files)
 
     def versions(self, name: str) -> list[Version]:
@@ -403,7 +414,12 @@ class Registry:
     ) -> list[Version]:
         """Adapters (their latest version, or every version) matching the filters."""
         where, params = [], []
-        for column, value in (("full_name", name), ("base_model", base_model), ("method", method), ("task", task)):
+        for column, value in (
+            ("full_name", name),
+            ("base_model", base_model),
+            ("method", method),
+            ("task", task),
+        ):
             if value is not None:
                 where.append(f"v.{column} = ?")
                 params.append(value)
@@ -495,7 +511,7 @@ class Registry:
         rows = list(self.db["versions"].rows)
         for row in rows:
             v = self._version(row)
-            for fname in af.REQUIRED_FILES + (af.MANIFEST_FILE,):
+            for fname in (*af.REQUIRED_FILES, af.MANIFEST_FILE):
                 if fname not in v.files:
                     problems.append(f"{v.ref}: no {fname} recorded")
             for fname, digest in v.files.items():
@@ -505,7 +521,9 @@ class Registry:
                 if hashed[digest] is None:
                     problems.append(f"{v.ref}: blob {digest} ({fname}) is missing")
                 elif hashed[digest] != digest:
-                    problems.append(f"{v.ref}: blob {digest} ({fname}) is corrupt (hashes to {hashed[digest]})")
+                    problems.append(
+                        f"{v.ref}: blob {digest} ({fname}) is corrupt (hashes to {hashed[digest]})"
+                    )
             if af.artifact_digest(v.files) != v.digest:
                 problems.append(f"{v.ref}: recorded digest {v.digest} does not match its files")
             if all(hashed.get(d) == d for d in v.files.values()) and af.MANIFEST_FILE in v.files:
@@ -516,9 +534,7 @@ class Registry:
                 except InvalidArtifact as e:
                     problems.append(f"{v.ref}: {e}")
         names = {r["full_name"] for r in rows}
-        latest = {
-            n for (n,) in self.db.execute("select full_name from tags where tag = 'latest'").fetchall()
-        }
+        latest = {n for (n,) in self.db.execute("select full_name from tags where tag = 'latest'").fetchall()}
         for n in sorted(names - latest):
             problems.append(f"{n}: no 'latest' tag")
         dangling = self.db.execute(

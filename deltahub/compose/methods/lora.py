@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deltahub.artifact import lora_scaling, pattern_value
 from deltahub.compose.inject import find_targets, get_module, is_bnb_linear, is_conv1d, is_linear, linear_dims
 from deltahub.compose.methods import register_method
 from deltahub.compose.methods.common import AdapterModule, SiteDelta
@@ -65,21 +66,6 @@ def dequantized_weight(module: nn.Module) -> Tensor:
 def _stored_in_out(module: nn.Module) -> bool:
     """GPT-2's Conv1D, or a quantized layer made from one (PEFT's fan_in_fan_out)."""
     return is_conv1d(module) or bool(getattr(module, "deltahub_conv1d", False))
-
-
-def _pattern(patterns: dict[str, Any] | None, name: str, default: Any) -> Any:
-    # PEFT's get_pattern_key: first key k with re.match(rf"(.*\.)?({k})$", name).
-    import re
-
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
-def lora_scaling(config: dict[str, Any], name: str, r: int) -> float:
-    alpha = _pattern(config.get("alpha_pattern"), name, config["lora_alpha"])
-    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
 class LoraLayer(SiteDelta):
@@ -235,7 +221,7 @@ class LoraAdapter(AdapterModule):
         layers = []
         for name in names:
             module = base.get_submodule(name)
-            r = int(_pattern(full.get("rank_pattern"), name, full["r"]))
+            r = int(pattern_value(full.get("rank_pattern"), name, full["r"]))
             layers.append(
                 LoraLayer(
                     module, r, lora_scaling(full, name, r), bool(full.get("use_dora")), cls._dtype(module)
