@@ -352,3 +352,46 @@ def check_ssf_config(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> 
 
 register_config_checker("bitfit", check_bitfit_config)
 register_config_checker("ssf", check_ssf_config)
+
+
+# --------------------------------------------------------------------------- prompt / prefix (PEFT)
+#
+# PEFT's formats unchanged: {"peft_type": "PROMPT_TUNING" | "PREFIX_TUNING",
+# "num_virtual_tokens": k, "token_dim": d, "num_layers": L, ...} and one tensor
+# `prompt_embeddings`: (k, d) for prompt tuning, (k, L * 2 * token_dim) for prefix tuning
+# (token_dim is the key/value width; the MLP of `prefix_projection` is never stored).
+
+
+def _check_virtual_tokens(config: dict[str, Any], tensors: dict[str, TensorInfo], prefix: bool) -> None:
+    k = config.get("num_virtual_tokens")
+    if not _is_int(k) or k <= 0:
+        raise _bad(f"num_virtual_tokens must be a positive integer, got {k!r}")
+    names = [n for n in tensors if not n.startswith(HEAD_PREFIX)]
+    if names != ["prompt_embeddings"]:
+        raise InvalidArtifact("config-shape", f"expected exactly one tensor 'prompt_embeddings', got {names}")
+    shape = tensors["prompt_embeddings"].shape
+    subs = config.get("num_transformer_submodules") or 1
+    if len(shape) != 2 or shape[0] != k * subs:
+        raise InvalidArtifact(
+            "shape-mismatch", f"prompt_embeddings has shape {list(shape)}, expected [{k}, ...]"
+        )
+    width = config.get("token_dim")
+    if prefix:
+        if config.get("prefix_projection"):
+            raise _bad(
+                "prefix_projection artifacts (with the MLP) are not supported; store the computed prefixes"
+            )
+        layers = config.get("num_layers")
+        if _is_int(layers) and _is_int(width) and shape[1] != layers * 2 * width:
+            raise InvalidArtifact(
+                "shape-mismatch",
+                f"prompt_embeddings has width {shape[1]}, expected num_layers * 2 * token_dim",
+            )
+    elif _is_int(width) and shape[1] != width:
+        raise InvalidArtifact(
+            "shape-mismatch", f"prompt_embeddings has width {shape[1]}, token_dim is {width}"
+        )
+
+
+register_config_checker("prompt_tuning", lambda c, t: _check_virtual_tokens(c, t, prefix=False))
+register_config_checker("prefix_tuning", lambda c, t: _check_virtual_tokens(c, t, prefix=True))

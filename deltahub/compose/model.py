@@ -270,12 +270,24 @@ class AdaptedModel(nn.Module):
             self._sites[path].set(None)
         for path, fn in fns.items():
             self._sites[path].set(fn)
+        self._set_active(block)
         self._active, self._active_paths = block, set(fns)
+
+    def _set_active(self, block: Node | None) -> None:
+        """Tell adapters that leave or join the active set (prompt/prefix forward hooks)."""
+        old = set(_names(self._active)) if self._active is not None else set()
+        new = set(_names(block)) if block is not None else set()
+        for n in old - new:
+            if n in self._adapters:
+                self._adapters[n].set_active(self.base, False)
+        for n in new - old:
+            self._adapters[n].set_active(self.base, True)
 
     def deactivate(self) -> None:
         """Run the plain base (merged adapters stay merged)."""
         for path in self._active_paths:
             self._sites[path].set(None)
+        self._set_active(None)
         self._active, self._active_paths = None, set()
 
     @contextlib.contextmanager

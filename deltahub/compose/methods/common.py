@@ -69,3 +69,8 @@ class AdapterModule(nn.Module):
 
     def detach(self) -> None:
         """Undo `attach`."""
+
+    def set_active(self, base: nn.Module, active: bool) -> None:
+        """Called when the adapter becomes active or inactive: methods that change the
+        model's inputs rather than module outputs (prompt and prefix tuning) install
+        their forward hooks here."""
