@@ -76,8 +76,9 @@ def _split(values: tuple[str, ...]) -> list[str] | None:
 def register(cli: click.Group) -> None:
     @cli.command("train")
     @click.option(
-        "--method", type=click.Choice(["lora", "houlsby", "pfeiffer", "parallel"]), default="lora",
-        show_default=True, help="Adapter method: LoRA, or a bottleneck adapter variant.",
+        "--method", default="lora", show_default=True,
+        type=click.Choice(["lora", "houlsby", "pfeiffer", "parallel", "ia3", "bitfit", "ssf", "prompt", "prefix", "ptuning-v2"]),
+        help="Adapter method: LoRA, a bottleneck variant, IA3, BitFit, SSF, or soft prompts (20 virtual tokens).",
     )  # fmt: skip
     @click.option("--r", "r", type=int, default=16, show_default=True, help="LoRA rank.")
     @click.option(

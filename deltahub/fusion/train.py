@@ -105,7 +105,7 @@ def train(
     }  # fmt: skip
     if method == "lora":
         hyper.update(r=r, alpha=alpha, target_modules=config["target_modules"])
-    else:
+    elif method in ("houlsby", "pfeiffer", "parallel"):
         hyper.update(reduction_factor=reduction_factor, bottleneck_size=bottleneck_size)
     extra: dict[str, Any] = {"hyperparameters": hyper, "data": data_extra(train_ds, eval_ds)}
     tensors = dict(model.adapter_state_dict(name))

@@ -33,7 +33,7 @@ from deltahub.errors import InvalidConfig, Unsupported
 from deltahub.fusion.data import TASKS, Collator, Dataset, LabelMap, load_dataset
 from deltahub.fusion.head import TaskHead, default_pooling
 
-METHODS = ("lora", "houlsby", "pfeiffer", "parallel")
+METHODS = ("lora", "houlsby", "pfeiffer", "parallel", "ia3", "bitfit", "ssf", "prompt", "prefix", "ptuning-v2")  # fmt: skip
 
 
 class TaskModel(nn.Module):
@@ -112,6 +112,11 @@ def adapter_config(
         else:
             cfg["reduction_factor"] = reduction_factor or 16
         return cfg
+    if method in ("ia3", "bitfit", "ssf"):  # defaults per model type (compose.methods)
+        return {"method": method, **({"target_modules": list(target_modules)} if target_modules else {})}
+    if method in ("prompt", "prefix", "ptuning-v2"):  # prefix: Li & Liang's MLP while training
+        cfg = {"method": method, "num_virtual_tokens": 20}
+        return {**cfg, "prefix_projection": True} if method == "prefix" else cfg
     raise InvalidConfig(f"method {method!r} is not one of {', '.join(METHODS)}")
 
 
