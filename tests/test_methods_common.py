@@ -172,3 +172,19 @@ def test_registry_rejects_malformed_artifacts(tmp_path):
         af.write_dir(tmp_path / method, tensors, config, af.Manifest(name=method, method=method))
         with pytest.raises(InvalidArtifact):
             Registry().publish(tmp_path / method, method)
+
+
+def test_composition_table_matches_what_activate_checks():
+    from deltahub.compose.blocks import composition_rules
+    from deltahub.compose.methods import get_method
+
+    rows = {}
+    for line in composition_rules().splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        for method in cells[0].split(" / "):
+            rows[method] = dict(zip(["stack", "sum", "average", "fuse", "route"], cells[1:6], strict=True))
+    for method in ("ia3", "bitfit", "ssf", "prompt", "prefix", "ptuning-v2", "lora"):
+        supports = get_method(method).supports
+        for kind, cell in rows[method].items():
+            refused = cell.startswith(("refused", "no"))
+            assert refused == (kind not in supports), (method, kind, cell)
