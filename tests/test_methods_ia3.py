@@ -9,6 +9,7 @@ import torch
 
 from deltahub import AdaptedModel, load_base
 from deltahub.errors import InvalidConfig
+from deltahub.registry import Registry
 from tests.compose_helpers import ids, tiny
 from tests.methods_helpers import perturb, run
 
@@ -41,6 +42,11 @@ def test_peft_saved_ia3_loads_with_same_outputs(tmp_path, kind):
     assert (got - ref).abs().max().item() <= TOL
     assert (got - plain).abs().max().item() > 1e-2
     assert any(layer.feedforward for layer in model.get_adapter("a").layers)
+    registry = Registry()  # a PEFT directory publishes as is and loads by name
+    assert registry.publish(tmp_path / "a", "peft-ia3").method == "ia3"
+    other = AdaptedModel(load_base(tiny(kind), device="cpu"), registry=registry)
+    other.activate(other.load("peft-ia3"))
+    assert torch.equal(run(other, x), got)
 
 
 @pytest.mark.parametrize("kind", ["llama", "bert"])
