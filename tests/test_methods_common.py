@@ -36,7 +36,7 @@ def test_identity_at_init_and_training_lowers_loss(method, kind):
     assert all(torch.equal(p, before[n]) for n, p in model.base.named_parameters())  # base frozen
 
 
-@pytest.mark.parametrize(("method", "kind"), CASES)
+@pytest.mark.parametrize(("method", "kind"), [*CASES, *((m, "gpt2") for m in METHODS)])  # Conv1D merges
 def test_publish_load_by_name_merge_and_routing(tmp_path, method, kind):
     model = fresh(kind)
     model.add_adapter("a", METHODS[method])
