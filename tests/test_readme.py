@@ -126,3 +126,9 @@ def test_examples_run_as_written(script: str, tmp_path: Path) -> None:
         "diff.py": "relative change 1.0000",
     }[script]
     assert expected in done.stdout
+
+
+def test_readme_composition_table_matches_the_code() -> None:
+    from deltahub.compose.blocks import composition_rules
+
+    assert composition_rules().strip() in README
