@@ -13,11 +13,12 @@ pull:  resolve on the server; download each blob the local store lacks through
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import quote
+from urllib.parse import quote, urlparse
 
 import httpx
 
@@ -30,9 +31,12 @@ from deltahub.errors import (
     NotFound,
     RemoteError,
 )
-from deltahub.hub.remotes import Remote, get_remote
+from deltahub.hub.remotes import Remote, get_remote, is_loopback
 from deltahub.registry import Registry, Version
 from deltahub.registry.store import BlobStore, check_digest
+
+# Set to 1 to let the client send tokens over plain http to a non-loopback host.
+INSECURE_ENV = "DELTAHUB_ALLOW_INSECURE_HTTP"
 
 ProgressFn = Callable[[int], None]
 CHUNK = 1 << 20
@@ -85,6 +89,18 @@ class HubClient:
 
     def __init__(self, url: str, token: str | None = None, *, timeout: float = 120.0) -> None:
         self.url = url.rstrip("/")
+        parsed = urlparse(self.url)
+        if (
+            token
+            and parsed.scheme == "http"
+            and not is_loopback(parsed.hostname or "")
+            and os.environ.get(INSECURE_ENV) != "1"
+        ):
+            raise AuthError(
+                f"refusing to send a token over plain http to {parsed.hostname}: serve the hub "
+                f"behind a TLS reverse proxy and use an https:// URL (or set {INSECURE_ENV}=1 "
+                "on a network you trust)"
+            )
         headers = {"User-Agent": "deltahub"}
         if token:
             headers["Authorization"] = f"Bearer {token}"

@@ -9,9 +9,11 @@ replaced whole with `os.replace`, so a reader never sees half a file.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +72,19 @@ def check_remote_name(name: str) -> str:
     if not isinstance(name, str) or not REMOTE_NAME_RE.match(name):
         raise InvalidConfig(f"remote name {name!r} must be letters, digits, '_', '.', '-'")
     return name
+
+
+def is_loopback(host: str) -> bool:
+    """True if every address `host` resolves to is a loopback address."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
 
 
 def check_url(url: str) -> str:

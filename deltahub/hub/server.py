@@ -27,7 +27,6 @@ bytes match the digest in the URL.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import socket
 import threading
@@ -57,6 +56,7 @@ from deltahub.errors import (
     NotFound,
     Unsupported,
 )
+from deltahub.hub.remotes import is_loopback
 from deltahub.hub.tokens import ThreadLocalTokens, TokenInfo
 from deltahub.registry import Registry
 from deltahub.registry.refs import check_name, check_tag, parse_ref
@@ -437,19 +437,6 @@ def create_app(
 
 
 # ----------------------------------------------------------------------------- running
-
-
-def is_loopback(host: str) -> bool:
-    """True if every address `host` resolves to is a loopback address."""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except socket.gaierror:
-        return False
-    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
 
 
 def check_bind(host: str, allow_insecure_http: bool) -> None:
