@@ -73,22 +73,33 @@ def test_snapshot_download_from_our_server_then_peft_loads(
 
 
 def test_peft_from_pretrained_with_hf_endpoint(
-    hub: Hub, adapter: tuple[Registry, Path], monkeypatch: pytest.MonkeyPatch
+    hub: Hub, adapter: tuple[Registry, Path], tmp_path: Path
 ) -> None:
-    import huggingface_hub.constants as hfc
-    import huggingface_hub.hf_api as hf_api
+    """As a user does it: HF_ENDPOINT set before Python starts, then plain PeftModel."""
+    import os
+    import subprocess
+    import sys
 
-    # huggingface_hub reads HF_ENDPOINT once, at import (into constants and its module-level
-    # HfApi); a user sets it before starting Python, so set each place it landed.
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.setattr(hfc, "ENDPOINT", hub.url)
-    monkeypatch.setattr(hf_api.api, "endpoint", hub.url)
-    monkeypatch.setattr(
-        hfc, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "logits.safetensors"
+    code = (
+        "import sys; from safetensors.torch import save_file; "
+        f"sys.path.insert(0, {str(root)!r}); from tests.test_hub_hf import _logits; "
+        f"save_file({{'x': _logits('team/alpha', revision='stable', token={hub.tokens['read']!r})}}, {str(out)!r})"
     )
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_OFFLINE": "0",
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "TRANSFORMERS_OFFLINE": "0",
+    }
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     _, src = adapter
-    got = _logits("team/alpha", revision="stable", token=hub.tokens["read"])
-    assert torch.equal(got, _logits(src))
+    assert torch.equal(load_file(str(out))["x"], _logits(src))
 
 
 def test_hf_errors_map_to_the_hub_clients_exceptions(hub: Hub, adapter: Any, tmp_path: Path) -> None:

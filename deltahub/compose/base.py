@@ -62,6 +62,14 @@ _DTYPES = {
 }
 
 
+def _dtype_keyword() -> str:
+    """`from_pretrained`'s dtype argument: `dtype` from transformers 4.56, `torch_dtype` before."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -150,8 +158,12 @@ def load_base(
             raise NotFound(f"cannot load a model config from {path_or_id!r}: {e}") from None
         cls = model_class or _model_class(config)
         kwargs: dict[str, Any] = {"local_files_only": is_local}
+        if quant is not None and torch_dtype is None:
+            # transformers 4.x would load the unquantized modules in float16 for bitsandbytes;
+            # keep norms, embeddings and the head in float32 (the QLoRA recipe).
+            torch_dtype = torch.float32
         if torch_dtype is not None:
-            kwargs["dtype"] = torch_dtype
+            kwargs[_dtype_keyword()] = torch_dtype
         if quant is not None:
             kwargs["quantization_config"] = quant.bnb_config(quantize, qdtype, double_quant)  # type: ignore[arg-type]
             kwargs["device_map"] = str(device)
