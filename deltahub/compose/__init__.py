@@ -3,7 +3,8 @@
 `load_base` (base.py) loads and fingerprints the base; `AdaptedModel` (model.py) holds
 resident adapters and switches them; `Stack`, `Sum`, `Average`, `Fuse` (blocks.py)
 compose them; one module per method lives in `methods/`; `merge.py` builds new LoRA
-artifacts from old ones; `lowrank.py` is the exact factored math they share.
+artifacts from old ones; `lowrank.py` is the exact factored math they share; `quant.py`
+and `export.py` handle 4-bit/8-bit bases and full-precision merged exports.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ _LAZY = {
     "Fuse": "deltahub.compose.blocks",
     "Block": "deltahub.compose.blocks",
     "merge_adapters": "deltahub.compose.merge",
+    "export_merged": "deltahub.compose.export",
+    "composition_rules": "deltahub.compose.blocks",
 }
 
 if TYPE_CHECKING:
@@ -43,6 +46,8 @@ __all__ = [
     "Fuse",
     "Stack",
     "Sum",
+    "composition_rules",
+    "export_merged",
     "fingerprint",
     "load_base",
     "merge_adapters",
