@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from deltahub.compose.inject import is_linear, linear_dims
 from deltahub.compose.methods import register_method
-from deltahub.compose.methods.common import AdapterModule, SiteDelta
+from deltahub.compose.methods.common import AdapterModule, SiteDelta, copy_checked
 from deltahub.errors import IncompatibleBase, InvalidArtifact, InvalidConfig, Unsupported
 from deltahub.method_schemas import FUSION_PARTS, FusionConfig
 
@@ -323,12 +323,7 @@ class Fusion(AdapterModule):
             raise IncompatibleBase(f"fusion {adapter!r}: tensor {odd!r} does not fit this base")
         with torch.no_grad():
             for name, param in model.named_tensors().items():
-                t = get(name)
-                if tuple(t.shape) != tuple(param.shape):
-                    raise IncompatibleBase(
-                        f"fusion {adapter!r}: {name} is {list(t.shape)}, the base needs {list(param.shape)}"
-                    )
-                param.copy_(t)
+                copy_checked(param, get(name), f"fusion {adapter!r}: {name}")
         model.requires_grad_(False)
         return model
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltahub.compose.methods import register_method
-from deltahub.compose.methods.common import AdapterModule, SiteDelta
+from deltahub.compose.methods.common import AdapterModule, SiteDelta, copy_checked
 from deltahub.errors import IncompatibleBase, InvalidArtifact, InvalidConfig, Unsupported
 from deltahub.method_schemas import BottleneckConfig
 
@@ -251,12 +251,7 @@ class BottleneckAdapter(AdapterModule):
                     ("adapter_up.weight", layer.adapter_up.weight),
                     ("adapter_up.bias", layer.adapter_up.bias),
                 ):
-                    t = get(f"{path}.{part}")
-                    if tuple(t.shape) != tuple(param.shape):
-                        raise IncompatibleBase(
-                            f"adapter {adapter!r}: {path}.{part} is {list(t.shape)}, the base needs {list(param.shape)}"
-                        )
-                    param.copy_(t)
+                    copy_checked(param, get(f"{path}.{part}"), f"adapter {adapter!r}: {path}.{part}")
         model.requires_grad_(False)
         return model
 

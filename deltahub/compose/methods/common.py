@@ -23,6 +23,16 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from deltahub.errors import IncompatibleBase
+
+
+def copy_checked(param: Tensor, stored: Tensor, what: str) -> None:
+    """Copy an artifact tensor into a fresh adapter parameter; a shape that does not fit the
+    base is an `IncompatibleBase` naming both shapes."""
+    if tuple(stored.shape) != tuple(param.shape):
+        raise IncompatibleBase(f"{what} is {list(stored.shape)}, the base needs {list(param.shape)}")
+    param.copy_(stored)
+
 
 class SiteDelta(nn.Module):
     """One adapter's contribution at one module of the base."""
