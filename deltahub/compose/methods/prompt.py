@@ -34,6 +34,7 @@ Artifacts are PEFT's (`peft_type` "PROMPT_TUNING" / "PREFIX_TUNING"), one tensor
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +47,29 @@ from deltahub.compose.methods.common import AdapterModule
 from deltahub.errors import IncompatibleBase, InvalidConfig, Unsupported
 
 KEY = "prompt_embeddings"
+
+# transformers 5 passes the KV cache as `cache=` (`past_key_values` is its deprecated alias,
+# removed in 5.40); 4.x knows only `past_key_values`. Read whichever is set, write under the
+# name the installed model's forward takes.
+CACHE_NAMES = ("cache", "past_key_values")
+
+
+def cache_kwarg(base: nn.Module) -> str:
+    """The keyword under which this base's forward takes its KV cache."""
+    name = getattr(base, "_deltahub_cache_kwarg", None)
+    if name is None:
+        params = inspect.signature(base.forward).parameters
+        name = next((n for n in CACHE_NAMES if n in params), "past_key_values")
+        object.__setattr__(base, "_deltahub_cache_kwarg", name)
+    return name
+
+
+def get_cache(kwargs: dict[str, Any]) -> Any:
+    """The KV cache of a forward call, under either name (None when there is none)."""
+    for name in CACHE_NAMES:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
 
 
 def task_type(base: nn.Module) -> str:
@@ -114,7 +138,7 @@ class VirtualTokens(AdapterModule):
         mask = kwargs.get("attention_mask")
         if isinstance(mask, Tensor) and mask.dim() == 2:
             kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, k), mask], dim=1)
-        cache = kwargs.get("past_key_values")
+        cache = get_cache(kwargs)
         self._cut = 0
         if cache is None or cache.get_seq_length() == 0:
             self._first(base, kwargs, batch)
@@ -269,10 +293,12 @@ class PrefixTuning(VirtualTokens):
         from transformers import DynamicCache
 
         k, d = self.num_virtual_tokens, self._dims
-        cache = kwargs.get("past_key_values")
+        cache = get_cache(kwargs)
         if cache is None:
             cache = DynamicCache(config=self._config)
-            kwargs["past_key_values"] = cache
+            for name in CACHE_NAMES:  # a None under the other name must not shadow ours
+                kwargs.pop(name, None)
+            kwargs[cache_kwarg(base)] = cache
         # PEFT's layout: (k, L*2, H_kv, d_h) -> per layer (B, H_kv, k, d_h) keys, then values
         p = self.prefixes().view(k, d["layers"] * 2, d["kv_heads"], d["head_dim"]).permute(1, 2, 0, 3)
         p = p.unsqueeze(1).expand(-1, batch, -1, -1, -1)  # (L*2, B, H_kv, k, d_h)
