@@ -205,6 +205,44 @@ def test_scaling_matches_peft_delta_weight(tmp_path: Path) -> None:
         assert close(m.cosine, float((Wa * Wb).sum() / (Wa.norm() * Wb.norm())), rel=1e-5, abs_=1e-7)
 
 
+def test_lora_on_embeddings_counts_against_peft_delta_weight(tmp_path: Path) -> None:
+    """PEFT names embedding factors `lora_embedding_A/B` (no `.weight`): they are diffed too."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from tests.helpers import tiny_llama
+
+    dirs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = get_peft_model(
+            tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
+        )
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.normal_()
+        model.save_pretrained(tmp_path / f"v{seed}", save_embedding_layers=False)
+        dirs.append(tmp_path / f"v{seed}")
+
+    def deltas(d: Path) -> dict[str, torch.Tensor]:
+        model = PeftModel.from_pretrained(tiny_llama(), str(d))
+        return {
+            name.removeprefix(PREFIX): mod.get_delta_weight("default").double()
+            for name, mod in model.named_modules()
+            if hasattr(mod, "get_delta_weight")
+            and "default" in {**getattr(mod, "lora_A", {}), **getattr(mod, "lora_embedding_A", {})}
+        }
+
+    da, db = deltas(dirs[0]), deltas(dirs[1])
+    assert "model.embed_tokens" in da
+    report = deltahub.diff(publish(dirs[0], "emb"), publish(dirs[1], "emb"))
+    assert {m.module for m in report.modules} == set(da)
+    for m in report.modules:
+        Wa, Wb = da[m.module], db[m.module]
+        assert close(m.norm_a, float(Wa.norm()), rel=1e-5)
+        assert close(m.diff_norm, float((Wa - Wb).norm()), rel=1e-5)
+
+
 # --------------------------------------------------------------------------- verdicts
 
 SHAPES = {

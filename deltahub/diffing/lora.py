@@ -54,9 +54,12 @@ def lora_modules(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> dict
     for name, info in tensors.items():
         parts = name.split(".")
         for down, up in MARKERS:
-            if down not in parts or not name.endswith(".weight"):
+            # PEFT names linear factors `...lora_A.weight`, embedding ones `...lora_embedding_A`.
+            if down not in parts:
                 continue
             i = parts.index(down)
+            if parts[i + 1 :] not in (["weight"], []):
+                continue
             b_key = ".".join([*parts[:i], up, *parts[i + 1 :]])
             if b_key not in tensors or len(info.shape) != 2:
                 continue
