@@ -108,7 +108,7 @@ def write(path: Path, data: list[dict[str, Any]]) -> Path:
 
 @torch.no_grad()
 def accuracy(task_model: Any, ds: Any, pad: int) -> float:
-    from deltahub.fusion.data import Collator
+    from deltahub.training.data import Collator
 
     task_model.eval()
     collate, right = Collator(pad), 0
@@ -125,7 +125,7 @@ def run_custom(
     """Head only (ref None) or a published adapter fine-tuned on the target with a new head."""
     from transformers import set_seed
 
-    from deltahub.fusion.trainer import TaskModel, load_model, make_head, run
+    from deltahub.training.engine import TaskModel, load_model, make_head, run
 
     set_seed(kw["seed"])
     model, tok, _ = load_model(str(base), tok, registry)
@@ -157,9 +157,10 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from deltahub.fusion.data import load_dataset
-    from deltahub.fusion.train import fuse, train
+    from deltahub.fusion import fuse
     from deltahub.registry import Registry
+    from deltahub.training import train
+    from deltahub.training.data import load_dataset
 
     base = model_dir()
     tok = AutoTokenizer.from_pretrained(str(base))

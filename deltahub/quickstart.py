@@ -160,8 +160,9 @@ def run_quickstart(
 
     from deltahub.compose.blocks import Sum
     from deltahub.diffing import diff
-    from deltahub.fusion.train import fuse, load_task_model, train
+    from deltahub.fusion import fuse
     from deltahub.registry import Registry
+    from deltahub.training import load_task_model, train
 
     started = time.perf_counter()
     torch.manual_seed(0)

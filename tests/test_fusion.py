@@ -172,8 +172,8 @@ def test_value_starts_near_identity_and_regularization(bert_path: Path) -> None:
 
 
 def test_gradients_reach_only_fusion_and_head(bert_path: Path) -> None:
-    from deltahub.fusion.head import TaskHead
-    from deltahub.fusion.train import TaskModel
+    from deltahub.training.engine import TaskModel
+    from deltahub.training.head import TaskHead
 
     model = _model(bert_path)
     _two_loras_and_pfeiffer(model)
@@ -246,7 +246,7 @@ def test_fusion_schema_rejects_bad_shapes() -> None:
 @pytest.fixture
 def published(bert_path: Path, tmp_path: Path) -> dict[str, object]:
     """Two published adapters (LoRA, Pfeiffer) and a fusion over them, trained for one epoch."""
-    from deltahub.fusion.train import fuse
+    from deltahub.fusion import fuse
 
     registry = Registry()
     model = _model(bert_path)
@@ -263,7 +263,7 @@ def published(bert_path: Path, tmp_path: Path) -> dict[str, object]:
 
 
 def test_fusion_publish_load_same_outputs_and_pins(bert_path: Path, published: dict) -> None:
-    from deltahub.fusion.train import load_task_model
+    from deltahub.training import load_task_model
 
     registry, result = published["registry"], published["result"]
     version = result.version

@@ -10,8 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from deltahub.cli.main import cli
-from deltahub.fusion.train import load_task_model, train
 from deltahub.registry import Registry
+from deltahub.training import load_task_model, train
 from tests import fusion_helpers as fh
 
 STORED = {"prompt": "prompt_tuning", "prefix": "prefix_tuning", "ptuning-v2": "prefix_tuning"}

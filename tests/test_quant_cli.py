@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from deltahub.cli.main import cli
 from deltahub.compose import AdaptedModel, load_base
-from deltahub.fusion.data import Collator, load_dataset
+from deltahub.training.data import Collator, load_dataset
 from tests import fusion_helpers as fh
 
 pytest.importorskip("bitsandbytes")

@@ -14,9 +14,10 @@ from safetensors import safe_open
 
 from deltahub.cli.main import cli
 from deltahub.errors import InvalidConfig, NotFound
-from deltahub.fusion.data import IGNORE_INDEX, load_dataset, read_records
-from deltahub.fusion.train import fuse, load_task_model, train
+from deltahub.fusion import fuse
 from deltahub.registry import Registry
+from deltahub.training import load_task_model, train
+from deltahub.training.data import IGNORE_INDEX, load_dataset, read_records
 from tests import fusion_helpers as fh
 
 FAST = {"epochs": 4, "batch_size": 8, "lr": 3e-2, "progress": False}
@@ -155,7 +156,7 @@ def test_causal_lm_training_on_completions(tmp_path: Path) -> None:
         progress=False,
     )  # fmt: skip
     # The same loss with the adapter switched off: training must have lowered it.
-    from deltahub.fusion.data import Collator
+    from deltahub.training.data import Collator
 
     tok = fh.tokenizer()
     batch = Collator(tok.pad_token_id)(load_dataset(tmp_path / "p.jsonl", "causal-lm", tok).features)
@@ -226,3 +227,41 @@ def test_cli_train_fuse_show(bert_path: Path, data: dict[str, Path]) -> None:
     assert r.exit_code == 2 and "lacks column 'text'" in r.output
     r = runner.invoke(cli, ["fuse", "nope", "--data", str(data["animal"]), "--name", "y", *common])
     assert r.exit_code == 4 and "nope" in r.output
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "names"),
+    [
+        ("deltahub.fusion.train", "deltahub.training.adapter", ["train", "load_task_model"]),
+        ("deltahub.fusion.train", "deltahub.fusion.learn", ["fuse"]),
+        (
+            "deltahub.fusion.trainer",
+            "deltahub.training.engine",
+            ["TaskModel", "run", "load_model", "make_head"],
+        ),
+        ("deltahub.fusion.trainer", "deltahub.fusion.learn", ["attention_summary"]),
+        ("deltahub.fusion.data", "deltahub.training.data", ["Collator", "load_dataset", "read_records"]),
+        ("deltahub.fusion.head", "deltahub.training.head", ["TaskHead", "has_head", "HEAD_PREFIX"]),
+    ],
+)
+def test_old_training_paths_import_with_a_deprecation_warning(
+    old: str, new: str, names: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+    import sys
+
+    monkeypatch.delitem(sys.modules, old, raising=False)
+    with pytest.warns(DeprecationWarning, match=old.replace(".", r"\.")):
+        shim = importlib.import_module(old)
+    target = importlib.import_module(new)
+    for name in names:
+        assert getattr(shim, name) is getattr(target, name)
+
+
+def test_public_train_and_fuse_come_from_their_packages() -> None:
+    import deltahub
+    from deltahub.fusion.learn import fuse as fuse_impl
+    from deltahub.training.adapter import train as train_impl
+
+    assert deltahub.train is train_impl and deltahub.fuse is fuse_impl
+    assert train is train_impl and fuse is fuse_impl

@@ -113,7 +113,7 @@ def run_once(
 
 def _trained_head(model: Any, ref: str, base: Any) -> tuple[Any, list[str]] | None:
     """The classification head trained with adapter `ref` (deltahub train/fuse), if any."""
-    from deltahub.fusion.head import TaskHead, has_head
+    from deltahub.training.head import TaskHead, has_head
 
     artifact = model.registry.open(ref)
     if not has_head(artifact) or artifact.manifest is None:

@@ -101,7 +101,7 @@ def register(cli: click.Group) -> None:
         quiet: bool, as_json: bool, quantize: str | None, gradient_checkpointing: bool,
     ) -> None:  # fmt: skip
         """Train one adapter on a task and publish it (metrics, hyperparameters, data digest)."""
-        from deltahub.fusion.train import train
+        from deltahub.training import train
 
         result = train(
             base, data, name=name, method=method, task=task, eval_data=eval_data, r=r, alpha=alpha,
@@ -136,7 +136,7 @@ def register(cli: click.Group) -> None:
         The fusion's manifest pins every adapter by digest and records the mean attention
         each got on the evaluation set (`deltahub show NAME` prints it).
         """
-        from deltahub.fusion.train import fuse
+        from deltahub.fusion import fuse
 
         result = fuse(
             list(refs), base, data, name=name, task=task, eval_data=eval_data, temperature=temperature,
