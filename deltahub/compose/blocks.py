@@ -21,7 +21,8 @@ module's output, `x` its input and d_i the change adapter i alone makes:
   change; so on one module a stack of LoRAs equals their `Sum` with weights 1, i.e.
   (W + Δ_a + Δ_b) x — the same as merging a into W and then applying b on top.
 - `Fuse(a, b, ..., name=f)`: learned AdapterFusion with the resident fusion parameters
-  `f` (implemented in `deltahub.fusion.layer`).
+  `f`; the fusion's sites implement `FusingSite` (`deltahub.fusion.layer`), so this module
+  never imports the fusion part.
 
 Blocks nest (`Sum(Stack("a", "b"), "c")`). A weight on a nested block scales each delta
 inside it.
@@ -44,11 +45,11 @@ per-row routing; `composition_rules()` returns this table):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any, Protocol, Union, runtime_checkable
 
 from torch import Tensor
 
-from deltahub.errors import InvalidConfig, Unsupported
+from deltahub.errors import IncompatibleBase, InvalidConfig, Unsupported
 
 # (x, y_base, y_cur, scale, rows) -> change of the module output
 DeltaFn = Callable[[Tensor, Tensor, Tensor, float, Any], Tensor]
@@ -166,17 +167,50 @@ class Stack(Block):
         return f"Stack({', '.join(repr(c) for c in self.children)})"
 
 
+@runtime_checkable
+class FusingSite(Protocol):
+    """The site object behind a fusion adapter's delta: it fuses the children's deltas.
+
+    `Fuse` finds it as the `__self__` of the fusion's delta function at a site; the
+    fusion part (`deltahub.fusion.layer.FusionLayer`) implements it, so compose never
+    imports fusion.
+    """
+
+    def fuse(self, children: list[DeltaFn], names: list[str]) -> DeltaFn: ...
+
+
 class Fuse(Block):
-    """AdapterFusion over the children's outputs (implemented by the fusion part)."""
+    """AdapterFusion over the children's outputs, with the resident fusion parameters `name`."""
 
     def __init__(self, *children: Node, name: str | None = None) -> None:
         super().__init__(*children)
         self.name = name
 
     def compile(self, path: str, lookup: Lookup) -> DeltaFn | None:
-        from deltahub.fusion.layer import compile_fuse  # the fusion part owns the attention
-
-        return compile_fuse(self, path, lookup)
+        if not self.name:
+            raise InvalidConfig(
+                f"Fuse({', '.join(map(repr, self.children))}) needs name=<a loaded fusion>: the fusion "
+                "parameters to use (train them with deltahub.fuse or `deltahub fuse`)"
+            )
+        children, names = [], []
+        for child in self.children:
+            fn = lookup(child, path) if isinstance(child, str) else child.compile(path, lookup)
+            if fn is not None:
+                children.append(fn)
+                names.append(child if isinstance(child, str) else repr(child))
+        if not children:
+            return None
+        try:
+            fusion_fn = lookup(self.name, path)
+        except Exception as e:  # NotFound from the model names the loaded adapters
+            raise type(e)(f"Fuse(name={self.name!r}): {e}") from None
+        site = getattr(fusion_fn, "__self__", None)
+        if not isinstance(site, FusingSite):
+            raise IncompatibleBase(
+                f"{self.name!r} has no fusion parameters at {path!r}, which the fused adapters change; "
+                f"is it a fusion over these adapters ({', '.join(map(repr, self.children))})?"
+            )
+        return site.fuse(children, names)
 
 
 def as_block(target: Node | Sequence[str]) -> Node:

@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deltahub.compose.blocks import Fuse
 from deltahub.compose.inject import is_linear, linear_dims
 from deltahub.compose.methods import register_method
 from deltahub.compose.methods.common import AdapterModule, SiteDelta, copy_checked
@@ -263,6 +264,10 @@ class FusionLayer(SiteDelta):
 
         return delta
 
+    def fuse(self, children: list[DeltaFn], names: list[str]) -> DeltaFn:
+        """`compose.blocks.FusingSite`: what `Fuse.compile` calls at this site."""
+        return self.bind([part_of(fn) for fn in children], names)
+
     def delta(self, x: Tensor, y_base: Tensor, y_cur: Tensor, scale: float, rows: Any = None) -> Tensor:
         raise Unsupported("a fusion runs over its adapters: activate Fuse(*adapters, name=<fusion>)")
 
@@ -344,8 +349,6 @@ class Fusion(AdapterModule):
 
     def block(self, name: str) -> Any:
         """`Fuse(*its adapters, name=name)`: what activating the fusion by name means."""
-        from deltahub.compose.blocks import Fuse
-
         return Fuse(*self.adapter_names, name=name)
 
     def regularization(self) -> Tensor:
@@ -368,34 +371,6 @@ class Fusion(AdapterModule):
         from deltahub.fusion.artifact import load_constituents
 
         load_constituents(model, artifact, registry)
-
-
-def compile_fuse(block: Any, path: str, lookup: Callable[[str, str], DeltaFn | None]) -> DeltaFn | None:
-    """`Fuse.compile`: the fused delta at one site, or None when no child changes it."""
-    if not block.name:
-        raise InvalidConfig(
-            f"Fuse({', '.join(map(repr, block.children))}) needs name=<a loaded fusion>: the fusion "
-            "parameters to use (train them with deltahub.fuse or `deltahub fuse`)"
-        )
-    children, names = [], []
-    for child in block.children:
-        fn = lookup(child, path) if isinstance(child, str) else child.compile(path, lookup)
-        if fn is not None:
-            children.append(fn)
-            names.append(child if isinstance(child, str) else repr(child))
-    if not children:
-        return None
-    try:
-        fusion_fn = lookup(block.name, path)
-    except Exception as e:  # NotFound from the model names the loaded adapters
-        raise type(e)(f"Fuse(name={block.name!r}): {e}") from None
-    layer = getattr(fusion_fn, "__self__", None)
-    if not isinstance(layer, FusionLayer):
-        raise IncompatibleBase(
-            f"{block.name!r} has no fusion parameters at {path!r}, which the fused adapters change; "
-            f"is it a fusion over these adapters ({', '.join(map(repr, block.children))})?"
-        )
-    return layer.bind([part_of(fn) for fn in children], names)
 
 
 def add_fusion(model: Any, name: str, adapters: list[str], temperature: float = 1.0) -> Fusion:
