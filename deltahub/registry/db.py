@@ -63,6 +63,45 @@ def m001_initial(db: Database) -> None:
     )
 
 
+FILTERS = ("task", "method", "base_model")
+
+
+@migrations()
+def m002_indexes_for_scale(db: Database) -> None:
+    """Every hot query served by an index, at a million versions, wide or deep.
+
+    `vnum` (the version as an integer, when it is one) makes the next version number an
+    index lookup; `is_latest` mirrors the `latest` tag on the row so that listing the latest
+    version of each adapter, with or without a filter, walks small partial indexes in page
+    order; `latest_fts` indexes only latest versions, so a search page stops early in any
+    registry shape.
+    """
+    versions = db["versions"]
+    versions.add_column("vnum", int)
+    versions.add_column("is_latest", int)
+    db.execute(
+        "update versions set vnum = cast(version as integer) where version glob '[0-9]*' "
+        "and version not glob '*[^0-9]*' and length(version) <= 18"
+    )
+    db.execute(
+        "update versions set is_latest = 1 where id in (select version_id from tags where tag = 'latest')"
+    )
+    versions.create_index(["full_name", "vnum"])
+    db.execute("create index idx_versions_latest on versions (full_name) where is_latest = 1")
+    for column in FILTERS:
+        versions.create_index([column, "full_name", "seq"])
+        db.execute(
+            f"create index idx_versions_latest_{column} on versions ({column}, full_name) where is_latest = 1"
+        )
+    db["tags"].create_index(["version_id"])
+    versions.disable_fts()
+    db.execute("create virtual table latest_fts using fts5(full_name, description, task, method, base_model)")
+    db.execute(
+        "insert into latest_fts (rowid, full_name, description, task, method, base_model) "
+        "select id, full_name, description, task, method, base_model from versions where is_latest = 1"
+    )
+
+
 def connect(path: Path) -> Database:
     """Open (creating if needed) the registry database and apply pending migrations."""
     conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, check_same_thread=False)

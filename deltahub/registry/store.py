@@ -72,7 +72,7 @@ class BlobStore:
         """
         h = hashlib.sha256()
         size = 0
-        fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix="blob-")
+        fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix=f"blob-{os.getpid()}-")
         try:
             with os.fdopen(fd, "wb") as out:
                 while chunk := stream.read(CHUNK):
@@ -113,5 +113,38 @@ class BlobStore:
         self.path(digest).unlink(missing_ok=True)
 
     def stale_tmp(self, older_than: float) -> list[Path]:
+        """Temp files older than `older_than` seconds, or whose writing process is gone."""
         cutoff = time.time() - older_than
-        return [p for p in self.tmp.iterdir() if p.stat().st_mtime < cutoff]
+        stale = []
+        for p in self.tmp.iterdir():
+            try:
+                old = p.stat().st_mtime < cutoff
+            except FileNotFoundError:
+                continue
+            if old or not writer_alive(p.name):
+                stale.append(p)
+        return stale
+
+    def sweep_tmp(self, older_than: float) -> int:
+        """Remove what `stale_tmp` finds; return how many went."""
+        stale = self.stale_tmp(older_than)
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return len(stale)
+
+
+def writer_alive(tmp_name: str) -> bool:
+    """Whether the process that named a temp file `blob-<pid>-...` may still be writing it.
+
+    Names without a pid (older releases) count as alive: only their age can retire them.
+    """
+    m = re.fullmatch(r"blob-(\d+)-.*", tmp_name)
+    if not m:
+        return True
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True

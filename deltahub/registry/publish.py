@@ -1,0 +1,259 @@
+"""Changing the registry: publish, commit (push/pull), tag, untag, remove.
+
+Publish protocol (a version is visible only when complete):
+  1. validate the artifact (artifact.load_dir);
+  2. copy each file into the blob store (hash while copying, fsync, rename, fsync dir);
+  3. one `BEGIN IMMEDIATE` transaction assigns the version, writes the final manifest
+     blob, inserts the version and file rows, and moves `latest` and the user's tags.
+A crash before 3 commits leaves only unreferenced blobs, which `gc` removes later. `gc`
+deletes only under the write lock, and step 3 re-stores any blob it finds gone, so a
+publisher never loses a race with `gc`, whatever its grace period.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from deltahub import artifact as af
+from deltahub.errors import AlreadyExists, IntegrityError, InvalidArtifact, InvalidRef, NotFound
+from deltahub.registry.db import write_transaction
+from deltahub.registry.queries import Queries
+from deltahub.registry.refs import Ref, check_name, check_tag, check_version
+from deltahub.registry.version import Version, version_key
+
+MAX_VNUM_DIGITS = 18  # integer versions up to this length get `vnum` (fits SQLite's int64)
+
+
+def int_version(version: str) -> int | None:
+    """The version as an integer when it is one (orders `latest`, numbers the next publish)."""
+    return int(version) if version.isdigit() and len(version) <= MAX_VNUM_DIGITS else None
+
+
+class Writes(Queries):
+    """The write side of `Registry`."""
+
+    def publish(
+        self,
+        path: Path | str | af.Artifact,
+        name: str,
+        version: str | None = None,
+        tags: Sequence[str] = (),
+        *,
+        task: str | None = None,
+        description: str | None = None,
+        base_model: str | None = None,
+        base_fingerprint: str | None = None,
+        metrics: dict[str, float] | None = None,
+        license: str | None = None,
+        parents: Iterable[af.Parent | dict[str, str]] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Version:
+        """Validate an artifact directory and publish it as a new immutable version.
+
+        Descriptive fields not given here nor in the artifact's own manifest (task,
+        description, license, base model) carry over from the adapter's latest version, as
+        a package's metadata does from release to release. Metrics never carry over.
+        """
+        artifact = path if isinstance(path, af.Artifact) else af.load_dir(path)
+        check_name(name)
+        if version is not None:
+            check_version(str(version))
+            version = str(version)
+        tags = [check_tag(t) for t in tags]
+        manifest = artifact.manifest or af.Manifest(
+            name=name,
+            method=artifact.method,
+            base_model=artifact.config.get("base_model_name_or_path") or None,
+        )
+        overrides: dict[str, Any] = {
+            "task": task,
+            "description": description,
+            "base_model": base_model,
+            "base_fingerprint": base_fingerprint,
+            "license": license,
+        }
+        if artifact.manifest is None:
+            previous = self._latest_manifest(name)
+            for key in ("task", "description", "license", "base_model"):
+                if overrides[key] is None and previous is not None and not getattr(manifest, key):
+                    overrides[key] = getattr(previous, key)
+        manifest = replace(manifest, **{k: v for k, v in overrides.items() if v is not None})
+        if metrics:
+            manifest.metrics = {**manifest.metrics, **metrics}
+        if parents is not None:
+            manifest.parents = [p if isinstance(p, af.Parent) else af.Parent(**p) for p in parents]
+        if extra:
+            manifest.extra = {**manifest.extra, **extra}
+        manifest = af.Manifest.from_dict(manifest.to_dict())  # re-validate overrides
+        for parent in manifest.parents:
+            self._by_digest(parent.digest)  # a parent must be resolvable here
+
+        sources = {f: src for f, src in artifact.files.items() if f != af.MANIFEST_FILE}
+        blobs = {fname: self.store.put_file(src) for fname, src in sources.items()}
+        with write_transaction(self.db):
+            for fname, (digest, _) in blobs.items():
+                if not self.store.has(digest):  # `gc` took it before we held the lock
+                    blobs[fname] = self.store.put_file(sources[fname])
+            version = version or self._next_int_version(name)
+            if self._row(name, version) is not None:
+                raise AlreadyExists(
+                    f"{name}@{version} already exists; versions are immutable "
+                    "(publish without --version for the next number, or pick a new one)"
+                )
+            final = replace(manifest, name=name, version=version, created=af.utc_now())
+            blobs[af.MANIFEST_FILE] = self.store.put_bytes(final.to_json())
+            return self._insert(final, blobs, tags)
+
+    def commit(self, files: dict[str, str], tags: Sequence[str] = ()) -> Version:
+        """Record a version whose blobs (including its final deltahub.json) are already stored.
+
+        Used by push/pull: the manifest names the version. Committing the same files
+        again is a no-op that returns the existing version; different files under an
+        existing version raise `AlreadyExists`.
+        """
+        tags = [check_tag(t) for t in tags]
+        missing = [d for d in files.values() if not self.store.has(d)]
+        if missing:
+            raise NotFound(f"blobs not in the store: {', '.join(sorted(missing))}")
+        artifact = af.load_files({f: self.store.path(d) for f, d in files.items()})
+        if artifact.manifest is None or artifact.manifest.version is None:
+            raise InvalidArtifact(
+                "manifest-schema", "a committed version needs a deltahub.json naming its version"
+            )
+        manifest = artifact.manifest
+        check_name(manifest.name)
+        check_version(manifest.version)
+        digest = af.artifact_digest(files)
+        blobs = {f: (d, self.store.path(d).stat().st_size) for f, d in files.items()}
+        with write_transaction(self.db):
+            row = self._row(manifest.name, manifest.version)
+            if row is not None:
+                if row["digest"] == digest:
+                    for tag in tags:
+                        self._set_tag(manifest.name, tag, row["id"])
+                    return self._version(row)
+                raise AlreadyExists(
+                    f"{manifest.name}@{manifest.version} already exists with digest {row['digest']}, not {digest}"
+                )
+            current = self._latest_row(manifest.name)
+            # An imported older version (pulling name@1 beside name@2) must not pull `latest` back.
+            newer = current is None or version_key(manifest.version, manifest.created) >= version_key(
+                current["version"], current["created"]
+            )
+            return self._insert(manifest, blobs, tags, move_latest=newer)
+
+    def _insert(
+        self,
+        manifest: af.Manifest,
+        blobs: dict[str, tuple[str, int]],
+        tags: Sequence[str],
+        move_latest: bool = True,
+    ) -> Version:
+        assert manifest.version is not None
+        full_name = manifest.name
+        ns, _ = check_name(full_name)
+        for fname, (digest, _) in blobs.items():
+            if not self.store.has(digest):  # gc took a blob of an upload before its commit
+                raise IntegrityError(f"blob {digest} for {fname} vanished before commit; publish again")
+        files = {fname: d for fname, (d, _) in blobs.items()}
+        seq = (
+            self.db.execute("select max(seq) from versions where full_name = ?", [full_name]).fetchone()[0]
+            or 0
+        ) + 1
+        row = {
+            "full_name": full_name,
+            "namespace": ns or "",
+            "name": full_name.rsplit("/", 1)[-1],
+            "version": manifest.version,
+            "seq": seq,
+            "vnum": int_version(manifest.version),
+            "digest": af.artifact_digest(files),
+            "method": manifest.method,
+            "base_model": manifest.base_model,
+            "base_fingerprint": manifest.base_fingerprint,
+            "task": manifest.task,
+            "description": manifest.description,
+            "license": manifest.license,
+            "metrics": json.dumps(manifest.metrics, sort_keys=True),
+            "parents": json.dumps([asdict(p) for p in manifest.parents]),
+            "size": sum(size for _, size in blobs.values()),
+            "created": manifest.created,
+            "published": time.time(),
+        }
+        version_id = self.db["versions"].insert(row).last_pk
+        self.db["files"].insert_all(
+            {"version_id": version_id, "filename": f, "blob": d, "size": s} for f, (d, s) in blobs.items()
+        )
+        for tag in ("latest", *tags) if move_latest else tags:
+            self._set_tag(full_name, tag, version_id)
+        return self._version(self._row_by_id(version_id))
+
+    def _next_int_version(self, full_name: str) -> str:
+        top = self.db.execute("select max(vnum) from versions where full_name = ?", [full_name]).fetchone()[0]
+        return str((top or 0) + 1)
+
+    def _set_tag(self, full_name: str, tag: str, version_id: int) -> None:
+        if tag == "latest":
+            self._move_latest(full_name, version_id)
+        self.db.execute(
+            "insert into tags (full_name, tag, version_id, updated) values (?, ?, ?, ?) "
+            "on conflict (full_name, tag) do update set version_id = excluded.version_id, "
+            "updated = excluded.updated",
+            [full_name, tag, version_id, af.utc_now()],
+        )
+
+    def _move_latest(self, full_name: str, version_id: int) -> None:
+        """Keep the row flag and the search index of latest versions in step with the tag."""
+        old = self.db.execute(
+            "select version_id from tags where full_name = ? and tag = 'latest'", [full_name]
+        ).fetchone()
+        if old and old[0] == version_id:
+            return
+        if old:
+            self.db.execute("update versions set is_latest = null where id = ?", [old[0]])
+            self.db.execute("delete from latest_fts where rowid = ?", [old[0]])
+        self.db.execute("update versions set is_latest = 1 where id = ?", [version_id])
+        self.db.execute(
+            "insert into latest_fts (rowid, full_name, description, task, method, base_model) "
+            "select id, full_name, description, task, method, base_model from versions where id = ?",
+            [version_id],
+        )
+
+    # ------------------------------------------------------------------ tags, removal
+
+    def tag(self, ref: str | Ref, tag: str) -> Version:
+        """Point `tag` at the version `ref` resolves to (atomically moving it)."""
+        check_tag(tag)
+        with write_transaction(self.db):
+            v = self.resolve(ref)
+            self._set_tag(v.full_name, tag, v.id)
+            return self._version(self._row_by_id(v.id))
+
+    def untag(self, name: str, tag: str) -> None:
+        check_name(name)
+        if tag == "latest":
+            raise InvalidRef("'latest' always follows the newest version; it cannot be removed")
+        with write_transaction(self.db):
+            cur = self.db.execute("delete from tags where full_name = ? and tag = ?", [name, tag])
+            if cur.rowcount == 0:
+                raise NotFound(f"{name} has no tag {tag!r}")
+
+    def remove(self, ref: str | Ref) -> Version:
+        """Delete one version (its blobs become garbage for `gc`). `latest` moves back."""
+        with write_transaction(self.db):
+            v = self.resolve(ref)
+            self.db.execute("delete from latest_fts where rowid = ?", [v.id])
+            self.db.execute("delete from tags where version_id = ?", [v.id])
+            self.db.execute("delete from files where version_id = ?", [v.id])
+            self.db.execute("delete from versions where id = ?", [v.id])
+            newest = self.db.execute(
+                "select id from versions where full_name = ? order by seq desc limit 1", [v.full_name]
+            ).fetchone()
+            if newest:
+                self._set_tag(v.full_name, "latest", newest[0])
+            return v
