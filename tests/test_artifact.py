@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from deltahub import artifact as af
+from deltahub import fileformat
 from deltahub.errors import InvalidArtifact
 from deltahub.registry import Registry
 
@@ -300,7 +301,7 @@ def test_peft_directory_with_pickle_weights_only_is_refused(tmp_path: Path) -> N
 
 
 def test_header_tensor_count_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(af, "MAX_TENSORS", 1)
+    monkeypatch.setattr(fileformat, "MAX_TENSORS", 1)
     d = make_good(tmp_path / "many")
     with pytest.raises(InvalidArtifact) as err:
         af.load_dir(d)

@@ -176,7 +176,7 @@ def test_registry_rejects_malformed_artifacts(tmp_path):
 
 def test_composition_table_matches_what_activate_checks():
     from deltahub.compose.blocks import composition_rules
-    from deltahub.compose.methods import get_method
+    from deltahub.methods import get_method
 
     rows = {}
     for line in composition_rules().splitlines()[2:]:

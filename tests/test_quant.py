@@ -124,7 +124,7 @@ def test_package_imports_without_touching_bitsandbytes() -> None:
     code = (
         "import sys; sys.modules['bitsandbytes'] = None\n"
         "import deltahub, deltahub.compose.quant, deltahub.compose.model, deltahub.compose.export\n"
-        "import deltahub.compose.methods.lora, deltahub.compose.methods.bottleneck, deltahub.cli.main\n"
+        "import deltahub.methods.lora.runtime, deltahub.methods.bottleneck.runtime, deltahub.cli.main\n"
         "from deltahub.compose import load_base, AdaptedModel\n"
         "import transformers as tf\n"
         "m = AdaptedModel(load_base(tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=16))))\n"

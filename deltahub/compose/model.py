@@ -33,11 +33,11 @@ from deltahub import artifact as af
 from deltahub.compose.base import fingerprint_of
 from deltahub.compose.blocks import Block, DeltaFn, Node, as_block, check_composition
 from deltahub.compose.inject import Site, is_bnb_linear
-from deltahub.compose.methods import get_method
-from deltahub.compose.methods.common import AdapterModule
 from deltahub.compose.routing import Route, routed_forward
 from deltahub.errors import AlreadyExists, IncompatibleBase, InvalidConfig, NotFound, Unsupported
-from deltahub.method_schemas import HEAD_PREFIX
+from deltahub.fileformat import TASK_HEAD_PREFIX as HEAD_PREFIX
+from deltahub.methods import get_method
+from deltahub.methods.common import AdapterModule
 
 
 def _block_forward(base_forward: Any, fn: DeltaFn) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 
 from deltahub import artifact as af
 from deltahub.errors import IntegrityError, NotFound
-from deltahub.method_schemas import FusionConfig
+from deltahub.methods.fusion.schema import FusionConfig
 
 CONSTITUENT_ROLE = "constituent"
 

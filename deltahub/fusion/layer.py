@@ -60,10 +60,9 @@ from torch import Tensor, nn
 
 from deltahub.compose.blocks import Fuse
 from deltahub.compose.inject import is_linear, linear_dims
-from deltahub.compose.methods import register_method
-from deltahub.compose.methods.common import AdapterModule, SiteDelta, copy_checked
 from deltahub.errors import IncompatibleBase, InvalidArtifact, InvalidConfig, Unsupported
-from deltahub.method_schemas import FUSION_PARTS, FusionConfig
+from deltahub.methods.common import AdapterModule, SiteDelta, copy_checked
+from deltahub.methods.fusion.schema import FUSION_PARTS, FusionConfig
 
 DeltaFn = Callable[[Tensor, Tensor, Tensor, float, Any], Tensor]
 
@@ -415,6 +414,3 @@ def forward_with_attentions(model: Any, call: Callable[[], Any]) -> Any:
     except TypeError:
         out = (*out, att) if isinstance(out, tuple) else out
     return out
-
-
-register_method("fusion", Fusion)

@@ -1,0 +1,93 @@
+"""deltahub.json, the manifest: who an adapter is, what it was made from, how well it does.
+
+A `Manifest` is a typed dataclass validated on construction; `Parent` pins one ancestor
+(merged from, fused from, trained from) by digest. Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from deltahub import __version__
+from deltahub.errors import InvalidArtifact
+
+
+@dataclass(frozen=True)
+class Parent:
+    """A pinned ancestor: what this version was merged, fused or trained from."""
+
+    ref: str
+    digest: str
+    role: str = "parent"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.digest, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", self.digest):
+            raise InvalidArtifact("manifest-schema", f"parent digest {self.digest!r} is not sha256:<64 hex>")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Manifest:
+    """deltahub.json: who an adapter is, what it was made from, and how well it does."""
+
+    name: str
+    method: str
+    version: str | None = None
+    base_model: str | None = None
+    base_fingerprint: str | None = None
+    task: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    description: str = ""
+    license: str | None = None
+    parents: list[Parent] = field(default_factory=list)
+    created: str = field(default_factory=utc_now)
+    tool_version: str = __version__
+    extra: dict[str, Any] = field(default_factory=dict)
+    format: int = 1
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> InvalidArtifact:
+            return InvalidArtifact("manifest-schema", msg)
+
+        if not isinstance(self.name, str) or not self.name:
+            raise bad(f"name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.method, str) or not self.method:
+            raise bad(f"method must be a non-empty string, got {self.method!r}")
+        for key in ("version", "base_model", "base_fingerprint", "task", "license"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str):
+                raise bad(f"{key} must be a string or null, got {value!r}")
+        if not isinstance(self.description, str):
+            raise bad("description must be a string")
+        if not isinstance(self.metrics, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in self.metrics.items()
+        ):
+            raise bad(f"metrics must map names to numbers, got {self.metrics!r}")
+        if not isinstance(self.extra, dict):
+            raise bad("extra must be an object")
+        self.parents = [p if isinstance(p, Parent) else Parent(**p) for p in self.parents]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> bytes:
+        return (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise InvalidArtifact("manifest-schema", f"unknown manifest fields {sorted(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise InvalidArtifact("manifest-schema", str(e)) from None

@@ -1,0 +1,36 @@
+"""IA3's artifact schema (PEFT's format unchanged), torch-free.
+
+adapter_config.json: `{"peft_type": "IA3", "target_modules": [...] | regex,
+"feedforward_modules": [...] | regex | null, ...}`; one tensor per module,
+`base_model.model.<module>.ia3_l`, shaped (d_out, 1) (output scaling) or (1, d_in)
+(feed-forward modules: input scaling).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deltahub.errors import InvalidArtifact
+from deltahub.fileformat import TASK_HEAD_PREFIX, TensorInfo
+from deltahub.methods.checks import bad, str_or_list
+
+
+def check_config(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> None:
+    """Field types, and every tensor an `ia3_l` vector shaped (n, 1) or (1, n)."""
+    str_or_list(config, "target_modules", required=True)
+    str_or_list(config, "feedforward_modules", required=False)
+    if "fan_in_fan_out" in config and not isinstance(config["fan_in_fan_out"], bool):
+        raise bad("fan_in_fan_out must be true or false")
+    found = 0
+    for name, info in tensors.items():
+        if name.startswith(TASK_HEAD_PREFIX):
+            continue
+        if not name.endswith(".ia3_l"):
+            raise InvalidArtifact("config-shape", f"tensor {name!r} is not an IA3 vector (<module>.ia3_l)")
+        if len(info.shape) != 2 or 1 not in info.shape or min(info.shape) < 1:
+            raise InvalidArtifact(
+                "shape-mismatch", f"{name} has shape {list(info.shape)}, expected (n, 1) or (1, n)"
+            )
+        found += 1
+    if not found:
+        raise InvalidArtifact("config-shape", "an IA3 artifact needs at least one ia3_l vector")

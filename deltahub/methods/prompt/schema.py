@@ -1,0 +1,56 @@
+"""Soft prompts' artifact schemas (PEFT's formats unchanged), torch-free.
+
+adapter_config.json: `{"peft_type": "PROMPT_TUNING" | "PREFIX_TUNING", "num_virtual_tokens": k,
+"token_dim": d, "num_layers": L, ...}`; one tensor `prompt_embeddings`: (k, d) for prompt
+tuning, (k, L * 2 * token_dim) for prefix tuning (token_dim is the key/value width; the MLP
+of `prefix_projection` is never stored). P-tuning v2 artifacts are prefix-tuning ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deltahub.errors import InvalidArtifact
+from deltahub.fileformat import TASK_HEAD_PREFIX, TensorInfo
+from deltahub.methods.checks import bad, is_int
+
+
+def _check_virtual_tokens(config: dict[str, Any], tensors: dict[str, TensorInfo], prefix: bool) -> None:
+    k = config.get("num_virtual_tokens")
+    if not is_int(k) or k <= 0:
+        raise bad(f"num_virtual_tokens must be a positive integer, got {k!r}")
+    names = [n for n in tensors if not n.startswith(TASK_HEAD_PREFIX)]
+    if names != ["prompt_embeddings"]:
+        raise InvalidArtifact("config-shape", f"expected exactly one tensor 'prompt_embeddings', got {names}")
+    shape = tensors["prompt_embeddings"].shape
+    subs = config.get("num_transformer_submodules") or 1
+    if len(shape) != 2 or shape[0] != k * subs:
+        raise InvalidArtifact(
+            "shape-mismatch", f"prompt_embeddings has shape {list(shape)}, expected [{k}, ...]"
+        )
+    width = config.get("token_dim")
+    if prefix:
+        if config.get("prefix_projection"):
+            raise bad(
+                "prefix_projection artifacts (with the MLP) are not supported; store the computed prefixes"
+            )
+        layers = config.get("num_layers")
+        if is_int(layers) and is_int(width) and shape[1] != layers * 2 * width:
+            raise InvalidArtifact(
+                "shape-mismatch",
+                f"prompt_embeddings has width {shape[1]}, expected num_layers * 2 * token_dim",
+            )
+    elif is_int(width) and shape[1] != width:
+        raise InvalidArtifact(
+            "shape-mismatch", f"prompt_embeddings has width {shape[1]}, token_dim is {width}"
+        )
+
+
+def check_prompt_tuning(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> None:
+    """Prompt tuning: one (k, d) `prompt_embeddings`."""
+    _check_virtual_tokens(config, tensors, prefix=False)
+
+
+def check_prefix_tuning(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> None:
+    """Prefix tuning: one (k, L * 2 * token_dim) `prompt_embeddings`, no MLP."""
+    _check_virtual_tokens(config, tensors, prefix=True)
