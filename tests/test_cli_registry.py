@@ -145,3 +145,36 @@ def test_home_option_overrides_env(runner: CliRunner, art: Path, tmp_path: Path)
     assert invoke(runner, "--home", str(other), "publish", str(art), "--name", "h").exit_code == 0
     assert (other / "registry.db").exists()
     assert json.loads(invoke(runner, "--home", str(other), "list", "--json").output)[0]["name"] == "h"
+
+
+def test_list_search_and_show_versions_page_with_a_cursor(runner: CliRunner, art: Path) -> None:
+    import shlex
+
+    registry = Registry()
+    for i in range(5):
+        registry.publish(art, name=f"n{i}", description="pageable adapter")
+    for _ in range(4):
+        registry.publish(art, name="n0")
+
+    def follow(*args: str) -> tuple[list[str], int]:
+        """Run a command, then the `more:` command it prints, until the last page."""
+        seen, pages, argv = [], 0, list(args)
+        while True:
+            result = invoke(runner, *argv, "--json")
+            assert result.exit_code == 0, result.output
+            seen += [d["ref"] for d in json.loads(result.stdout)]
+            pages += 1
+            more = [line for line in result.stderr.splitlines() if line.startswith("more: ")]
+            if not more:
+                return seen, pages
+            argv = shlex.split(more[0][len("more: ") :])[1:]
+            assert pages < 10
+
+    assert follow("list", "--limit", "2") == ([f"n{i}@{5 if i == 0 else 1}" for i in range(5)], 3)
+    refs, pages = follow("list", "--all", "--limit", "4")
+    assert len(refs) == len(set(refs)) == 9 and pages == 3
+    refs, pages = follow("search", "pageable", "--limit", "3")
+    assert sorted(refs) == sorted(r.ref for r in registry.list()) and pages == 2
+    assert follow("show", "n0", "--versions", "--limit", "2") == ([f"n0@{i}" for i in range(1, 6)], 3)
+    bad = invoke(runner, "list", "--cursor", "garbage")
+    assert bad.exit_code == 2 and "cursor" in bad.output and "Traceback" not in bad.output

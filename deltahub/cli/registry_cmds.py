@@ -26,13 +26,41 @@ def _row(v: Any) -> dict[str, Any]:
     return d
 
 
-def _print_versions(versions: list[Any], as_json: bool, empty: str) -> None:
+def _print_versions(versions: list[Any], as_json: bool, empty: str, more: str | None = None) -> None:
+    """Print a page; when there is a next one, say on stderr how to get it (stdout stays parseable)."""
     if as_json:
         print_json([v.to_dict() for v in versions])
     elif not versions:
         click.echo(empty)
     else:
         print_table([_row(v) for v in versions], LIST_COLUMNS)
+    cursor = getattr(versions, "next_cursor", None)
+    if cursor and more:
+        click.echo(f"more: {more} --cursor {cursor}", err=True)
+
+
+def page_options(default: int) -> Any:
+    """`--limit N --cursor C`: one page at a time, from where the previous page stopped."""
+
+    def decorate(fn: Any) -> Any:
+        fn = click.option(
+            "--cursor", help="Continue after the previous page (the cursor it printed on stderr)."
+        )(fn)
+        return click.option(
+            "--limit",
+            default=default,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="At most this many rows a page.",
+        )(fn)
+
+    return decorate
+
+
+def _again(command: str, *args: str) -> str:
+    import shlex
+
+    return shlex.join(["deltahub", command, *args])
 
 
 @click.command()
@@ -83,6 +111,7 @@ def publish(
 @click.option("--task", help="Only this task.")
 @click.option("--name", help="Only this adapter (use with --all for its versions).")
 @click.option("--all", "all_versions", is_flag=True, help="Every version, not just the latest of each.")
+@page_options(default=100)
 @json_option
 @handle_errors
 def list_(
@@ -91,45 +120,80 @@ def list_(
     task: str | None,
     name: str | None,
     all_versions: bool,
+    limit: int,
+    cursor: str | None,
     as_json: bool,
 ) -> None:
-    """List adapters in the local registry (latest version of each)."""
+    """List adapters in the local registry (latest version of each), by name, a page at a time."""
     versions = _registry().list(
-        name=name, base_model=base_model, method=method, task=task, all_versions=all_versions
+        name=name,
+        base_model=base_model,
+        method=method,
+        task=task,
+        all_versions=all_versions,
+        limit=limit,
+        cursor=cursor,
     )
-    _print_versions(versions, as_json, "no adapters (publish one with `deltahub publish DIR --name NAME`)")
+    args = [
+        *(
+            f"--{flag}={value}"
+            for flag, value in (
+                ("base-model", base_model),
+                ("method", method),
+                ("task", task),
+                ("name", name),
+            )
+            if value
+        ),
+        *(["--all"] if all_versions else []),
+        f"--limit={limit}",
+    ]
+    _print_versions(
+        versions,
+        as_json,
+        "no adapters (publish one with `deltahub publish DIR --name NAME`)",
+        more=_again("list", *args),
+    )
 
 
 @click.command()
 @click.argument("query")
-@click.option("--limit", default=50, show_default=True, help="At most this many results.")
+@page_options(default=50)
 @click.option("--remote", "remote_name", help="Search this hub remote instead of the local registry.")
 @json_option
 @handle_errors
-def search(query: str, limit: int, remote_name: str | None, as_json: bool) -> None:
-    """Full-text search over names, descriptions, tasks, methods and base models."""
+def search(query: str, limit: int, cursor: str | None, remote_name: str | None, as_json: bool) -> None:
+    """Full-text search over the latest version of each adapter (names, descriptions, tasks,
+    methods, base models), newest first, a page at a time."""
     if remote_name is not None:
         from deltahub.hub.client import search_versions
 
         versions = search_versions(query, remote_name)[:limit]
         _print_versions(versions, as_json, f"nothing on {remote_name} matches {query!r}")
         return
-    versions = _registry().search(query, limit=limit)
-    _print_versions(versions, as_json, f"nothing matches {query!r}")
+    versions = _registry().search(query, limit=limit, cursor=cursor)
+    _print_versions(
+        versions, as_json, f"nothing matches {query!r}", more=_again("search", query, f"--limit={limit}")
+    )
 
 
 @click.command()
 @click.argument("ref")
-@click.option("--versions", "show_versions", is_flag=True, help="List every version of the adapter.")
+@click.option(
+    "--versions", "show_versions", is_flag=True, help="List the adapter's versions, a page at a time."
+)
+@page_options(default=100)
 @json_option
 @handle_errors
-def show(ref: str, show_versions: bool, as_json: bool) -> None:
+def show(ref: str, show_versions: bool, limit: int, cursor: str | None, as_json: bool) -> None:
     """Show one version (REF is name, name@3, name@tag or name@sha256:prefix)."""
     registry = _registry()
     if show_versions:
         from deltahub.registry import parse_ref
 
-        _print_versions(registry.versions(parse_ref(ref).full_name), as_json, "")
+        name = parse_ref(ref).full_name
+        page = registry.versions(name, limit=limit, cursor=cursor)
+        _print_versions(page, as_json, "", more=_again("show", name, "--versions", f"--limit={limit}"))
         return
     v = registry.show(ref)
     manifest = registry.manifest(v)
