@@ -274,3 +274,46 @@ def test_gc_sweeps_temp_files_whose_writer_is_gone_whatever_their_age() -> None:
         p.write_bytes(b"partial")
     assert reg.gc().tmp_removed == 1
     assert not dead.exists() and alive.exists()
+
+
+FIRST_SCHEMA_COMMIT = "55144c1"  # main before the registry's m002: its code writes the first schema
+ROOT = Path(__file__).resolve().parent.parent
+OLD_PUBLISH = """
+import sys
+from pathlib import Path
+from deltahub.registry import Registry
+from tests.test_artifact import make_good
+art = make_good(Path(sys.argv[1]) / "art")
+reg = Registry(Path(sys.argv[1]) / "home")
+for i in range(3):
+    reg.publish(art, name="team/x", description="old reviews", tags=["prod"] if i == 0 else [])
+reg.publish(art, name="y", version="1.5.0")
+"""
+
+
+def test_a_registry_written_by_the_old_code_opens_and_migrates(tmp_path: Path) -> None:
+    tree = tmp_path / "old"
+    tree.mkdir()
+    archive = subprocess.run(
+        [
+            "git",
+            "-C",
+            str(ROOT),
+            "archive",
+            FIRST_SCHEMA_COMMIT,
+            "deltahub",
+            "tests/__init__.py",
+            "tests/test_artifact.py",
+        ],
+        capture_output=True,
+    )
+    if archive.returncode != 0:
+        pytest.skip(f"the old code is not in this checkout's history ({archive.stderr.decode().strip()})")
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    env = {**__import__("os").environ, "PYTHONPATH": str(tree)}
+    subprocess.run([sys.executable, "-c", OLD_PUBLISH, str(tmp_path)], cwd=tree, env=env, check=True)
+    reg = Registry(tmp_path / "home")
+    assert [v.ref for v in reg.list()] == ["team/x@3", "y@1.5.0"]
+    assert reg.resolve("team/x@prod").version == "1" and reg.verify().ok
+    assert [v.ref for v in reg.search("old reviews")] == ["team/x@3"]
+    assert reg.publish(tmp_path / "art", name="team/x").version == "4"
