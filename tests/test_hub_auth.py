@@ -49,6 +49,7 @@ def _routes(v_digest: str, files: dict[str, str]) -> list[tuple[str, str, str, d
 
 
 WRITES = {"upload", "commit", "tag"}
+BLOBS = {"blob-head", "blob-get"}
 NAMED = {"versions", "resolve", "manifest", "hf-info", "hf-tree", "hf-head", "hf-get"}
 OK = {"list": 200, "search": 200, "versions": 200, "resolve": 200, "manifest": 200, "blob-head": 200}
 OK |= {"blob-get": 206, "hf-info": 200, "hf-tree": 200, "hf-head": 200, "hf-get": 200}
@@ -64,6 +65,8 @@ def expected_status(route: str, kind: str, public_read: bool) -> int:
             return 401
         if kind == "write_other" and route in NAMED:
             return 403  # a namespaced token reads only its namespace's adapters
+        if kind == "write_other" and route in BLOBS:
+            return 404  # ... and only blobs linked to its namespace: others look absent
         return OK[route]
     if kind in ("none", "revoked", "expired"):
         return 401
@@ -99,7 +102,7 @@ def test_auth_matrix(tmp_path: Path, public_read: bool) -> None:
                 if r.status_code >= 400 and method != "HEAD":
                     body = r.json()
                     assert set(body) >= {"error", "message"}, body
-                    assert body["error"] == {401: "unauthorized", 403: "forbidden"}[r.status_code]
+                    assert body["error"] == {401: "unauthorized", 403: "forbidden", 404: "not-found"}[r.status_code]
                 if r.status_code == 401:
                     assert r.headers["WWW-Authenticate"].startswith("Bearer")
         want = {

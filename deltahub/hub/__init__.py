@@ -1,8 +1,14 @@
 """deltahub.hub: everything across a network.
 
-    server.py     `deltahub serve`: one registry over HTTP (Starlette on uvicorn)
+    server.py     `deltahub serve`: the app, its connection limits, running it (uvicorn)
+    api.py        the registry routes (list, search, resolve, manifest, commit, tags)
+    blobs.py      blob upload and verified download
     hf_routes.py  the Hugging Face Hub download routes on that server
-    tokens.py     bearer tokens (hub.db: SHA-256 only, scoped, expiring, revocable)
+    state.py      what the routes share: home, per-thread handles, the access policy
+    auth.py       bearer tokens from requests; per-client back-off on failed auth
+    responses.py  error types -> HTTP statuses; strict JSON; nothing internal to clients
+    hubdb.py      hub.db: tokens, blob links per namespace, blob checks
+    tokens.py     bearer tokens (SHA-256 only, scoped, expiring, revocable)
     remotes.py    named remotes and stored tokens in the client's home
     client.py     HubClient, push, pull, search
     hf.py         push to / pull from the Hugging Face Hub

@@ -151,7 +151,7 @@ class HubClient:
             raise NotFound(where)
         if r.status_code == 409:
             raise AlreadyExists(where)
-        if code == "digest-mismatch":
+        if code in ("digest-mismatch", "corrupt-blob"):
             raise IntegrityError(where)
         if code == "invalid-artifact":
             raise InvalidArtifact(body.get("rule", "remote"), where)

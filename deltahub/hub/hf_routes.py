@@ -16,6 +16,7 @@ self-hosted deltahub. The mapping:
                                                     X-Repo-Commit, ETag (the blob's sha256,
                                                     as the Hub gives LFS files), Content-Length
 
+Blobs are served as on `/v1/blobs` (verified against their digest first; see blobs.py).
 Errors carry `X-Error-Code` (RepoNotFound, RevisionNotFound, EntryNotFound) so the HF
 client raises its usual exception types.
 """
@@ -23,10 +24,13 @@ client raises its usual exception types.
 from __future__ import annotations
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from deltahub.errors import InvalidRef, NotFound
+from deltahub.hub.blobs import blob_response
+from deltahub.hub.responses import CorruptBlob, HubNotFound, StrictJSONResponse, log
+from deltahub.hub.state import hub_state
 from deltahub.registry.refs import check_name, parse_ref
 from deltahub.registry.registry import Version
 
@@ -39,9 +43,7 @@ def commit_of(v: Version) -> str:
 
 
 def _resolve(request: Request) -> Version:
-    from deltahub.hub.server import HubNotFound, _state
-
-    hub = _state(request)
+    hub = hub_state(request)
     repo = request.path_params["repo"]
     rev = request.path_params["rev"]
     try:
@@ -71,23 +73,26 @@ def _resolve(request: Request) -> Version:
 
 
 def _sizes(request: Request, v: Version) -> dict[str, int]:
-    from deltahub.hub.server import _state
-
-    store = _state(request).store
-    return {f: store.path(d).stat().st_size for f, d in v.files.items()}
+    store = hub_state(request).store
+    sizes = {}
+    for f, d in v.files.items():
+        try:
+            sizes[f] = store.path(d).stat().st_size
+        except OSError as e:
+            log.error("blob %s of %s (%s) cannot be read: %s", d, v.ref, f, e)
+            raise CorruptBlob(f"a blob of {v.ref} is missing") from None
+    return sizes
 
 
 def repo_info(request: Request) -> Response:
     v = _resolve(request)
     sizes = _sizes(request, v)
-    from deltahub.hub.server import _state
-
-    return JSONResponse(
+    return StrictJSONResponse(
         {
             "id": v.full_name,
             "modelId": v.full_name,
             "sha": commit_of(v),
-            "private": not _state(request).public_read,
+            "private": not hub_state(request).public_read,
             "library_name": "peft" if v.method == "lora" else "deltahub",
             "tags": ["deltahub", v.method, f"version:{v.version}"],
             "siblings": [{"rfilename": f, "size": s} for f, s in sorted(sizes.items())],
@@ -96,13 +101,11 @@ def repo_info(request: Request) -> Response:
 
 
 def repo_tree(request: Request) -> Response:
-    from deltahub.hub.server import HubNotFound
-
     v = _resolve(request)
     if request.path_params.get("sub"):
         raise HubNotFound("EntryNotFound", f"{v.ref} has no folder {request.path_params['sub']!r}")
     sizes = _sizes(request, v)
-    return JSONResponse(
+    return StrictJSONResponse(
         [
             {"type": "file", "path": f, "size": sizes[f], "oid": v.files[f].split(":", 1)[1][:COMMIT_HEX]}
             for f in sorted(v.files)
@@ -111,8 +114,6 @@ def repo_tree(request: Request) -> Response:
 
 
 def resolve_file(request: Request) -> Response:
-    from deltahub.hub.server import HubNotFound, _state, blob_response
-
     v = _resolve(request)
     filename = request.path_params["filename"]
     headers = {"X-Repo-Commit": commit_of(v)}
@@ -122,7 +123,7 @@ def resolve_file(request: Request) -> Response:
             f"{v.ref} has no file {filename!r} (it has {', '.join(sorted(v.files))})",
             headers,
         )
-    return blob_response(_state(request), v.files[filename], headers)
+    return blob_response(hub_state(request), v.files[filename], headers)
 
 
 def routes() -> list[BaseRoute]:

@@ -10,7 +10,8 @@ usable token: 256 bits minus a 9-character prefix cannot be guessed from a hash.
 
 Scopes are ordered: read < write < admin. A namespace limits a token to adapters named
 `namespace/...` (reads and writes); a token without one covers every name. Blobs are
-content-addressed and shared between names, so any valid token may read a blob.
+scoped per namespace too (hubdb.py): a namespaced token reads only blobs linked to its
+namespace by an upload or a commit there.
 """
 
 from __future__ import annotations
@@ -18,16 +19,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlite_utils import Database, Migrations
-
 from deltahub.errors import AuthError, InvalidConfig, NotFound
+from deltahub.hub import hubdb
 from deltahub.registry.refs import _PART
 
 TOKEN_PREFIX = "dh_"
@@ -35,27 +34,8 @@ LOOKUP_CHARS = 12  # "dh_" + 9 characters: shown by `token list`, never enough t
 SCOPES = ("read", "write", "admin")
 _RANK = {s: i for i, s in enumerate(SCOPES)}
 
-migrations = Migrations("deltahub.hub")
-
-
-@migrations()
-def m001_tokens(db: Database) -> None:
-    db["tokens"].create(
-        {
-            "id": int,
-            "lookup": str,
-            "hash": str,
-            "scope": str,
-            "namespace": str,
-            "description": str,
-            "created": float,
-            "expires": float,
-            "revoked": float,
-        },
-        pk="id",
-        not_null={"lookup", "hash", "scope", "created"},
-    )
-    db["tokens"].create_index(["lookup"])
+# The schema lives in hubdb.py (tokens share hub.db with the blob links and checks).
+migrations = hubdb.migrations
 
 
 @dataclass(frozen=True)
@@ -110,21 +90,7 @@ class TokenStore:
     """The tokens of one hub home (`<home>/hub.db`). One instance per thread."""
 
     def __init__(self, home: Path | str) -> None:
-        path = Path(home) / "hub.db"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(str(path), timeout=60, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout = 60000")
-        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            conn.execute("PRAGMA journal_mode = WAL")
-        self.db = Database(conn, execute_plugins=False)
-        if migrations.pending(self.db):
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                migrations.apply(self.db)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+        self.db = hubdb.connect(home)
 
     def close(self) -> None:
         self.db.conn.close()
@@ -168,7 +134,7 @@ class TokenStore:
         return [self._info(r) for r in self.db["tokens"].rows_where(order_by="id")]
 
     def revoke(self, token_id: int | str) -> TokenInfo:
-        """Revoke by numeric id or by the prefix `token list` shows."""
+        """Revoke by numeric id, by the exact prefix `token list` shows, or by the token."""
         rows = self._find(token_id)
         if len(rows) != 1:
             what = "no token" if not rows else "several tokens"
@@ -178,10 +144,21 @@ class TokenStore:
         return self._info(self.db["tokens"].get(rows[0]["id"]))
 
     def _find(self, token_id: int | str) -> list[dict[str, Any]]:
-        text = str(token_id).rstrip("…")
-        if text.isdigit():
+        """Rows matching a numeric id, the exact prefix `token list` shows, or a whole token.
+
+        Exact and case-sensitive: a prefix is compared as a string, never as a pattern.
+        """
+        text = str(token_id).strip().rstrip("…")
+        if text.isascii() and text.isdigit():
             return list(self.db["tokens"].rows_where("id = ?", [int(text)]))
-        return list(self.db["tokens"].rows_where("lookup like ?", [text + "%"]))
+        if len(text) > LOOKUP_CHARS:  # a whole token: match its hash
+            digest = hash_token(text)
+            return [
+                r
+                for r in self.db["tokens"].rows_where("lookup = ?", [text[:LOOKUP_CHARS]])
+                if hmac.compare_digest(r["hash"], digest)
+            ]
+        return [r for r in self.db["tokens"].rows_where("lookup = ?", [text]) if r["lookup"] == text]
 
     def check(self, token: str | None) -> TokenInfo:
         """The record of a presented token; `AuthError` if unknown, revoked or expired."""

@@ -1,0 +1,162 @@
+"""Blob routes: upload (streamed, re-hashed) and download (verified, Range supported).
+
+    HEAD/GET /v1/blobs/{digest}                   blob bytes                      read
+    PUT      /v1/adapters/{name}/blobs/{digest}   upload; re-hashed, mismatch 400 write
+
+Uploads stream from the socket straight into `BlobStore.put_stream` (hash while writing,
+fsync, rename), so a blob is never held whole in memory and is visible only once its
+bytes match the digest in the URL. An upload links the blob to the adapter's namespace.
+
+A namespaced token reads and HEADs only blobs linked to its namespace; any other digest
+answers 404, exactly as an absent one, so existence leaks nothing (`HubState.can_use_blob`).
+
+Before a blob is served, its (inode, size, mtime, ctime) is compared with those of its
+last successful hash check (hub.db `blob_checks`); if anything changed, the file is
+hashed again, and a blob whose bytes no longer match its digest is never served: the
+answer is a 500 (details, with the path, in the server log).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import anyio.from_thread
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+
+from deltahub.errors import InvalidConfig, NotFound
+from deltahub.hub import hubdb
+from deltahub.hub.responses import CorruptBlob, PayloadTooLarge, StrictJSONResponse, log
+from deltahub.hub.state import HubState, hub_state
+from deltahub.registry.refs import check_name
+from deltahub.registry.store import check_digest, sha256_file
+
+BODY_IDLE_TIMEOUT_S = 60.0  # an upload that sends nothing for this long is dropped
+
+
+class _BodyReader:
+    """A blocking `read()` over the request's async body stream, for a worker thread.
+
+    `BlobStore.put_stream` reads a file-like object; this hands it the socket's chunks as
+    they arrive (through `anyio.from_thread`), counting bytes against the size limit.
+    """
+
+    def __init__(self, request: Request, limit: int, idle_timeout: float = BODY_IDLE_TIMEOUT_S) -> None:
+        self._chunks: AsyncIterator[bytes] = request.stream().__aiter__()
+        self._limit = limit
+        self._idle = idle_timeout
+        self.size = 0
+
+    async def _next(self) -> bytes | None:
+        try:
+            with anyio.fail_after(self._idle):
+                return await self._chunks.__anext__()
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise InvalidConfig(f"the upload sent nothing for {self._idle:.0f} s; dropped") from None
+
+    def read(self, n: int = -1) -> bytes:
+        while True:
+            chunk = anyio.from_thread.run(self._next)
+            if chunk is None:
+                return b""
+            if not chunk:  # an empty chunk mid-stream is legal in ASGI; only the end stops us
+                continue
+            self.size += len(chunk)
+            if self.size > self._limit:
+                raise PayloadTooLarge(f"upload exceeds this hub's limit of {self._limit} bytes")
+            return chunk
+
+
+def _stat_key(st: os.stat_result) -> hubdb.StatKey:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def verified_path(hub: HubState, digest: str) -> tuple[Path, os.stat_result]:
+    """The path of a stored blob whose bytes hash to `digest`, re-hashed if it changed.
+
+    `NotFound` if absent; `CorruptBlob` (logged with its path) if the bytes do not match.
+    """
+    path = hub.store.path(digest)
+    try:
+        before = path.stat()
+    except FileNotFoundError:
+        raise NotFound(f"blob {digest} is not on this hub") from None
+    db = hub.hubdb()
+    if hubdb.checked_key(db, digest) == _stat_key(before):
+        return path, before
+    try:
+        actual = sha256_file(path)
+        after = path.stat()
+    except OSError as e:
+        log.error("blob %s at %s cannot be read: %s", digest, path, e)
+        raise CorruptBlob(f"blob {digest} is unreadable on this hub; not served") from None
+    if actual != digest:
+        log.error(
+            "blob %s at %s hashes to %s: not served (restore it or run `deltahub verify`)",
+            digest,
+            path,
+            actual,
+        )
+        raise CorruptBlob(f"blob {digest} is corrupt on this hub (its bytes no longer match); not served")
+    if _stat_key(after) == _stat_key(before):  # unchanged while hashing: remember the check
+        hubdb.record_check(db, digest, _stat_key(after))
+    return path, after
+
+
+def blob_response(hub: HubState, digest: str, headers: dict[str, str] | None = None) -> Response:
+    """The bytes of a verified blob (GET, HEAD, Range), with content-addressed caching.
+
+    Cacheable for a year by anyone on a public-read hub; otherwise `private`, so a
+    shared cache never hands a token-protected blob to another client.
+    """
+    path, stat = verified_path(hub, digest)
+    visibility = "public" if hub.public_read else "private"
+    base = {
+        "ETag": f'"{digest.split(":", 1)[1]}"',
+        "X-Content-Digest": digest,
+        "Cache-Control": f"{visibility}, max-age=31536000, immutable",  # content-addressed
+    }
+    return FileResponse(
+        path, stat_result=stat, media_type="application/octet-stream", headers={**base, **(headers or {})}
+    )
+
+
+def get_blob(request: Request) -> Response:
+    hub = hub_state(request)
+    digest = check_digest(request.path_params["digest"])
+    info = hub.authorize(request, "read")
+    if not hub.can_use_blob(info, digest):
+        raise NotFound(f"blob {digest} is not on this hub")
+    return blob_response(hub, digest)
+
+
+def _store_upload(hub: HubState, reader: _BodyReader, name: str, digest: str) -> tuple[str, int]:
+    stored, size = hub.store.put_stream(reader, digest)
+    with contextlib.suppress(OSError):  # gc raced us; the next serve re-hashes
+        hubdb.record_check(hub.hubdb(), stored, _stat_key(hub.store.path(stored).stat()))
+    hub.link_blobs(name, [stored])
+    return stored, size
+
+
+async def put_blob(request: Request) -> Response:
+    hub = hub_state(request)
+    name = request.path_params["name"]
+    check_name(name)
+    digest = check_digest(request.path_params["digest"])
+    # Authorize before a byte of the body is read; an error closes the connection
+    # (responses._close_unread_body), so a refused upload is never drained.
+    await run_in_threadpool(hub.authorize, request, "write", name)
+    length = request.headers.get("content-length")
+    if length is not None and length.isascii() and length.isdigit() and int(length) > hub.max_blob_bytes:
+        raise PayloadTooLarge(f"a {length}-byte blob exceeds this hub's limit of {hub.max_blob_bytes} bytes")
+    reader = _BodyReader(request, hub.max_blob_bytes)
+    existed = await run_in_threadpool(hub.store.has, digest)
+    stored, size = await run_in_threadpool(_store_upload, hub, reader, name, digest)
+    return StrictJSONResponse({"digest": stored, "size": size}, status_code=200 if existed else 201)
