@@ -16,6 +16,7 @@ _LAZY = {
     "diff": "deltahub.diffing",
     "train": "deltahub.training",
     "fuse": "deltahub.fusion",
+    "predict": "deltahub.training",
     "load_base": "deltahub.compose.base",
     "AdaptedModel": "deltahub.compose.model",
     "Stack": "deltahub.compose.blocks",

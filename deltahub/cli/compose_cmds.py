@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
 from deltahub.cli.output import handle_errors, json_option, print_json
-from deltahub.errors import InvalidConfig
 
 
 def _weights(value: str | None, option: str, n: int) -> list[float] | None:
@@ -22,111 +19,6 @@ def _weights(value: str | None, option: str, n: int) -> list[float] | None:
     if len(weights) != n:
         raise click.BadParameter(f"{len(weights)} weights for {n} adapters; give one each", param_hint=option)
     return weights
-
-
-def run_once(
-    base_path: str,
-    refs: list[str],
-    text: str,
-    mode: str = "single",
-    weights: list[float] | None = None,
-    max_new_tokens: int = 20,
-    force: bool = False,
-) -> dict[str, Any]:
-    """Load the base and tokenizer from `base_path`, activate `refs` composed by `mode`
-    (single, sum, average, stack), run `text`, and describe the prediction."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from deltahub.compose.base import load_base
-    from deltahub.compose.blocks import Average, Stack, Sum
-    from deltahub.compose.model import AdaptedModel
-
-    base = load_base(base_path)
-    tokenizer = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
-    model = AdaptedModel(base)
-    names = [model.load(ref, force=force) for ref in refs]
-    if mode == "sum":
-        target: Any = Sum(*names, weights=weights)
-    elif mode == "average":
-        target = Average(*names, weights=weights)
-    elif mode == "stack":
-        target = Stack(*names)
-    elif len(names) == 1:
-        target = names[0]
-    else:
-        raise InvalidConfig(
-            f"{len(names)} adapters given: say how to combine them (--sum, --average or --stack)"
-        )
-    model.activate(target)
-    batch = tokenizer(text, return_tensors="pt").to(base.device)
-    if "token_type_ids" in batch and "token_type_ids" not in _forward_args(base):
-        batch.pop("token_type_ids")  # Llama/GPT-2 forwards do not take it
-    result: dict[str, Any] = {
-        "base": base_path,
-        "adapters": names,
-        "composition": repr(target),
-        "input": text,
-    }
-    archs = getattr(base.config, "architectures", None) or [type(base).__name__]
-    with torch.no_grad():
-        if hasattr(base, "generate") and any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-            new = out[0, batch["input_ids"].shape[1] :]
-            result.update(kind="generation", output_ids=new.tolist(), output=tokenizer.decode(new))
-        elif (trained := _trained_head(model, refs[0], base)) is not None:
-            head, labels = trained
-            out = model(**batch, output_hidden_states=True)
-            logits = head(out.hidden_states[-1], batch.get("attention_mask"))[0]  # (K,)
-            label = int(logits.argmax())
-            result.update(
-                kind="classification",
-                label=labels[label] if label < len(labels) else str(label),
-                label_id=label,
-                logits=[round(float(v), 6) for v in logits],
-                head=refs[0],
-            )
-        else:
-            out = model(**batch)
-            if hasattr(out, "logits"):
-                logits = out.logits[0]
-                label = int(logits.argmax())
-                id2label = getattr(base.config, "id2label", None) or {}
-                result.update(
-                    kind="classification",
-                    label=id2label.get(label, str(label)),
-                    label_id=label,
-                    logits=[round(float(v), 6) for v in logits],
-                )
-            else:
-                h = out.last_hidden_state[0]  # (T, d)
-                pooled = h.mean(0)
-                result.update(
-                    kind="embedding",
-                    dim=int(pooled.shape[0]),
-                    norm=round(float(pooled.norm()), 6),
-                    head=[round(float(v), 6) for v in pooled[:8]],
-                )
-    return result
-
-
-def _trained_head(model: Any, ref: str, base: Any) -> tuple[Any, list[str]] | None:
-    """The classification head trained with adapter `ref` (deltahub train/fuse), if any."""
-    from deltahub.training.head import TaskHead, has_head
-
-    artifact = model.registry.open(ref)
-    if not has_head(artifact) or artifact.manifest is None:
-        return None
-    width = getattr(base.config, "hidden_size", None) or getattr(base.config, "n_embd", None)
-    head = TaskHead.from_artifact(artifact, int(width)).to(base.device).eval()
-    return head, list(artifact.manifest.extra.get("head", {}).get("labels", []))
-
-
-def _forward_args(base: Any) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(base.forward).parameters)
 
 
 def register(cli: click.Group) -> None:
@@ -177,7 +69,13 @@ def register(cli: click.Group) -> None:
             mode, weights = "average", _weights(avg_w, "--average", len(refs))
         elif stack:
             mode = "stack"
-        result = run_once(base_path, list(refs), text, mode, weights, max_new_tokens, force)
+        from deltahub.training.inference import load, predict
+
+        loaded = load(base_path, list(refs), mode=mode, weights=weights, force=force)
+        [answer] = predict(
+            loaded.model, loaded.tokenizer, [text], head_ref=refs[0], max_new_tokens=max_new_tokens
+        )
+        result = {"base": base_path, "adapters": loaded.names, "composition": repr(loaded.target), **answer}
         if as_json:
             print_json(result)
             return

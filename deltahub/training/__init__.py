@@ -4,7 +4,9 @@
 classification head saved beside an adapter's weights; `engine.py` is the task model,
 transformers' `Trainer` loop with early stopping, and publishing; `adapter.py` holds
 `train()` (one adapter) and `load_task_model()` (a trained adapter or fusion with its
-head, ready to run). Fusion training (`deltahub.fusion.fuse`) uses this engine.
+head, ready to run); `inference.py` holds `predict()`, which answers texts with a
+generation, a label (a trained head or the base's classifier) or an embedding. Fusion
+training (`deltahub.fusion.fuse`) uses this engine.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 _LAZY = {
     "train": "deltahub.training.adapter",
     "load_task_model": "deltahub.training.adapter",
+    "predict": "deltahub.training.inference",
     "TaskModel": "deltahub.training.engine",
     "TrainResult": "deltahub.training.engine",
     "METHODS": "deltahub.training.engine",
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
     from deltahub.training.data import load_dataset
     from deltahub.training.engine import METHODS, TaskModel, TrainResult
     from deltahub.training.head import TaskHead
+    from deltahub.training.inference import predict
 
 
 def __getattr__(name: str) -> Any:
@@ -36,4 +40,6 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-__all__ = ["METHODS", "TaskHead", "TaskModel", "TrainResult", "load_dataset", "load_task_model", "train"]
+__all__ = [
+    "METHODS", "TaskHead", "TaskModel", "TrainResult", "load_dataset", "load_task_model", "predict", "train",
+]  # fmt: skip

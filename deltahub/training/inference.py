@@ -1,0 +1,222 @@
+"""`predict`: answers from a base with adapters active: generation, classification or an embedding.
+
+`predict(model, tokenizer, texts)` decides what a prediction is from the model itself,
+in this order:
+
+- a causal LM (an architecture ending in `ForCausalLM` / `LMHeadModel` that can
+  generate): greedy generation of `max_new_tokens`, one text at a time (a left-padded
+  batch would move the positions of some architectures, so answers could differ);
+- a trained task head stored with adapter `head_ref` (`deltahub train` / `fuse` for
+  classification, `deltahub.training.head`): its label over the pooled last hidden states;
+- a base with its own classifier (`...ForSequenceClassification`): the argmax of its
+  logits, named by `config.id2label`;
+- otherwise an embedding: the mean of the last hidden states over the text's tokens.
+
+Classification and embeddings run in padded batches of `batch_size` (right padding; the
+head and the mean read only real tokens); one text alone is never padded. Each answer is
+a plain dict (`kind` plus the fields of that kind), so the CLI, batch scoring and a hub
+route shape their output the same way. `load` builds the model to predict with: a base
+directory, its tokenizer, and registry refs composed by a mode (single, sum, average,
+stack).
+
+It lives in `training` because it reads the task heads that training writes; compose
+below it knows nothing of heads.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from deltahub.errors import InvalidConfig
+from deltahub.training.head import TaskHead, has_head
+
+MODES = ("single", "sum", "average", "stack")
+
+
+@dataclass
+class Loaded:
+    """What `load` returns: the model with `target` active, its tokenizer, and the names
+    the adapters `refs` have in it."""
+
+    model: Any
+    tokenizer: Any
+    refs: list[str]
+    names: list[str]
+    target: Any
+
+
+def composition(names: Sequence[str], mode: str = "single", weights: Sequence[float] | None = None) -> Any:
+    """The block that `mode` (single, sum, average, stack) makes of resident adapters `names`."""
+    from deltahub.compose.blocks import Average, Stack, Sum
+
+    if mode == "sum":
+        return Sum(*names, weights=weights)
+    if mode == "average":
+        return Average(*names, weights=weights)
+    if mode == "stack":
+        return Stack(*names)
+    if mode != "single":
+        raise InvalidConfig(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    if len(names) == 1:
+        return names[0]
+    raise InvalidConfig(f"{len(names)} adapters given: say how to combine them (--sum, --average or --stack)")
+
+
+def load(
+    base_path: str,
+    refs: Sequence[str],
+    *,
+    mode: str = "single",
+    weights: Sequence[float] | None = None,
+    force: bool = False,
+    registry: Any = None,
+) -> Loaded:
+    """Load the base and tokenizer from directory `base_path`, load `refs` from the registry
+    and activate them composed by `mode`."""
+    from transformers import AutoTokenizer
+
+    from deltahub.compose.base import load_base
+    from deltahub.compose.model import AdaptedModel
+
+    base = load_base(base_path)
+    tokenizer = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
+    model = AdaptedModel(base, registry=registry)
+    names = [model.load(ref, force=force) for ref in refs]
+    target = composition(names, mode, weights)
+    model.activate(target)
+    return Loaded(model, tokenizer, list(refs), names, target)
+
+
+@torch.no_grad()
+def predict(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    head_ref: str | None = None,
+    max_new_tokens: int = 20,
+    batch_size: int = 32,
+) -> list[dict[str, Any]]:
+    """One answer per text, in order (see the module doc for how the kind is chosen).
+
+    `model` is an `AdaptedModel` with its adapters active; `head_ref` names the registry
+    version whose trained classification head (if it has one) reads the output.
+    """
+    if isinstance(texts, str):
+        raise InvalidConfig("predict takes a list of texts; wrap one text in a list")
+    if batch_size <= 0:
+        raise InvalidConfig(f"batch size must be positive, got {batch_size}")
+    texts = list(texts)
+    base = model.base
+    archs = getattr(base.config, "architectures", None) or [type(base).__name__]
+    if hasattr(base, "generate") and any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return [_generate(model, tokenizer, text, max_new_tokens) for text in texts]
+    head = _trained_head(model, head_ref) if head_ref is not None else None
+    if tokenizer.pad_token_id is None or (head is None and getattr(base.config, "pad_token_id", 0) is None):
+        batch_size = 1  # nothing to pad with, or a decoder classifier that cannot find the last token
+    out: list[dict[str, Any]] = []
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i : i + batch_size]
+        batch = _encode(model, tokenizer, chunk)
+        if head is not None:
+            out += _classify_with_head(model, batch, chunk, *head, head_ref)  # type: ignore[arg-type]
+        else:
+            out += _forward(model, batch, chunk)
+    return out
+
+
+def _encode(model: Any, tokenizer: Any, texts: list[str]) -> Any:
+    pad = (
+        {"padding": True, "padding_side": "right"} if len(texts) > 1 else {}
+    )  # the head pools the last real token
+    batch = tokenizer(texts, return_tensors="pt", **pad).to(model.base.device)
+    if "token_type_ids" in batch and "token_type_ids" not in inspect.signature(model.base.forward).parameters:
+        batch.pop("token_type_ids")  # Llama/GPT-2 forwards do not take it
+    return batch
+
+
+def _logits(values: torch.Tensor) -> list[float]:
+    return [round(float(v), 6) for v in values]
+
+
+def _generate(model: Any, tokenizer: Any, text: str, max_new_tokens: int) -> dict[str, Any]:
+    batch = _encode(model, tokenizer, [text])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+    new = out[0, batch["input_ids"].shape[1] :]
+    return {"input": text, "kind": "generation", "output_ids": new.tolist(), "output": tokenizer.decode(new)}
+
+
+def _trained_head(model: Any, ref: str) -> tuple[TaskHead, list[str]] | None:
+    """The classification head trained with adapter `ref` (deltahub train/fuse), if any."""
+    if model.registry is None:
+        from deltahub.registry import Registry
+
+        model.registry = Registry()
+    artifact = model.registry.open(ref)
+    if not has_head(artifact) or artifact.manifest is None:
+        return None
+    config = model.base.config
+    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    head = TaskHead.from_artifact(artifact, int(width)).to(model.base.device).eval()
+    return head, list(artifact.manifest.extra.get("head", {}).get("labels", []))
+
+
+def _classify_with_head(
+    model: Any, batch: Any, texts: list[str], head: TaskHead, labels: list[str], ref: str
+) -> list[dict[str, Any]]:
+    out = model(**batch, output_hidden_states=True)
+    logits = head(out.hidden_states[-1], batch.get("attention_mask"))  # (B, K)
+    answers = []
+    for text, row in zip(texts, logits, strict=True):
+        label = int(row.argmax())
+        answers.append(
+            {
+                "input": text,
+                "kind": "classification",
+                "label": labels[label] if label < len(labels) else str(label),
+                "label_id": label,
+                "logits": _logits(row),
+                "head": ref,
+            }
+        )
+    return answers
+
+
+def _forward(model: Any, batch: Any, texts: list[str]) -> list[dict[str, Any]]:
+    out = model(**batch)
+    answers = []
+    if hasattr(out, "logits"):
+        id2label = getattr(model.base.config, "id2label", None) or {}
+        for text, row in zip(texts, out.logits, strict=True):  # (K,) each
+            label = int(row.argmax())
+            answers.append(
+                {
+                    "input": text,
+                    "kind": "classification",
+                    "label": id2label.get(label, str(label)),
+                    "label_id": label,
+                    "logits": _logits(row),
+                }
+            )
+        return answers
+    hidden = out.last_hidden_state  # (B, T, d)
+    mask = batch.get("attention_mask")
+    real = torch.ones(hidden.shape[:2], dtype=torch.bool) if mask is None else mask.bool().cpu()
+    for text, h, keep in zip(texts, hidden, real, strict=True):
+        pooled = h[keep.to(h.device)].mean(0)  # (d,): over the text's own tokens
+        answers.append(
+            {
+                "input": text,
+                "kind": "embedding",
+                "dim": int(pooled.shape[0]),
+                "norm": round(float(pooled.norm()), 6),
+                "head": _logits(pooled[:8]),
+            }
+        )
+    return answers
