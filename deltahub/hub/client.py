@@ -3,12 +3,15 @@
 push:  resolve locally; HEAD each blob on the server; upload only the missing ones
        (the server re-hashes them); then commit {file: digest}. Every step is
        idempotent, so a failed push is retried by running it again.
-pull:  resolve on the server; download each blob the local store lacks through
+pull:  resolve on the server (every answer is checked: `BadResponse` if it is not what
+       the protocol says); download each blob the local store lacks through
        `BlobStore.put_stream(stream, expected=digest)` (hash while writing to tmp/, then
        rename), so no byte that fails its sha256 ever becomes visible; then one
        `Registry.commit`. Interrupted, a pull leaves at most whole, verified, unreferenced
        blobs (which `gc` removes) and no version. Concurrent pulls into one home are safe:
-       two renames of the same content are harmless and `commit` is idempotent.
+       two renames of the same content are harmless and `commit` is idempotent. No
+       download writes more than the version's declared size (or the blob's
+       Content-Length): a hub that streams on is cut off.
 """
 
 from __future__ import annotations
@@ -47,6 +50,37 @@ class TransientError(RemoteError):
     """The hub could not be reached or failed on its side (5xx): worth retrying."""
 
 
+class BadResponse(RemoteError):
+    """The hub answered something other than what the protocol says (never trusted)."""
+
+
+def _field(d: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    value = d.get(key)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise BadResponse(f"{what} has no valid {key!r}")
+    return value
+
+
+def check_version_answer(d: Any, what: str = "the hub's version record") -> dict[str, Any]:
+    """A version record from a hub (resolve, commit, tag), checked field by field."""
+    if not isinstance(d, dict):
+        raise BadResponse(f"{what} is not a JSON object")
+    try:
+        check_digest(_field(d, "digest", str, what))
+    except IntegrityError:
+        raise BadResponse(f"{what} has no valid 'digest'") from None
+    files = _field(d, "files", dict, what)
+    for fname, digest in files.items():
+        if not isinstance(fname, str) or not isinstance(digest, str):
+            raise BadResponse(f"{what} lists a file that is not name -> digest")
+    for key in ("full_name", "version"):
+        _field(d, key, str, what)
+    size = _field(d, "size", int, what)
+    if size < 0:
+        raise BadResponse(f"{what} has a negative size")
+    return d
+
+
 class _UploadFile:
     """A file for httpx to stream (its length known, so Content-Length is sent), reporting progress."""
 
@@ -69,15 +103,24 @@ class _UploadFile:
 
 
 class _ResponseReader:
-    """`read()` over a streaming httpx response, for `BlobStore.put_stream`."""
+    """`read()` over a streaming httpx response, for `BlobStore.put_stream`.
 
-    def __init__(self, response: httpx.Response, on_bytes: ProgressFn | None) -> None:
+    Never hands out more than `limit` bytes: a hub that streams past the size it
+    declared is cut off before the excess reaches the disk.
+    """
+
+    def __init__(self, response: httpx.Response, on_bytes: ProgressFn | None, limit: int) -> None:
         self._chunks = response.iter_raw(CHUNK)
         self._on_bytes = on_bytes
+        self._limit = limit
+        self.size = 0
 
     def read(self, n: int = -1) -> bytes:
         for chunk in self._chunks:
             if chunk:
+                if self.size + len(chunk) > self._limit:
+                    raise IntegrityError(f"the hub sent more than the {self._limit} bytes it declared")
+                self.size += len(chunk)
                 if self._on_bytes:
                     self._on_bytes(len(chunk))
                 return chunk
@@ -162,26 +205,43 @@ class HubClient:
     def _q(text: str) -> str:
         return quote(text, safe="/@:")
 
+    def _json(self, r: httpx.Response, kind: type) -> Any:
+        """The JSON body of an answer, which must be a `kind` (dict or list)."""
+        try:
+            data = r.json()
+        except (ValueError, RecursionError):
+            raise BadResponse(f"{self.url} answered {r.request.url.path} with something not JSON") from None
+        if not isinstance(data, kind):
+            raise BadResponse(f"{self.url} answered {r.request.url.path} with a {type(data).__name__}")
+        if kind is list and not all(isinstance(item, dict) for item in data):
+            raise BadResponse(f"{self.url} answered {r.request.url.path} with a list of non-objects")
+        return data
+
+    def _versions(self, r: httpx.Response) -> list[dict[str, Any]]:
+        what = f"a version record from {self.url}"
+        return [check_version_answer(d, what) for d in self._json(r, list)]
+
     # ------------------------------------------------------------------ reads
 
     def whoami(self) -> dict[str, Any]:
-        return self._request("GET", "/v1/auth").json()
+        return self._json(self._request("GET", "/v1/auth"), dict)
 
     def list(self, query: str | None = None, **filters: str | None) -> list[dict[str, Any]]:
         params = {k: v for k, v in {"q": query, **filters}.items() if v}
-        return self._request("GET", "/v1/adapters", params=params).json()
+        return self._versions(self._request("GET", "/v1/adapters", params=params))
 
     def search(self, query: str) -> list[dict[str, Any]]:
         return self.list(query)
 
     def versions(self, name: str) -> list[dict[str, Any]]:
-        return self._request("GET", f"/v1/adapters/{self._q(name)}/versions").json()
+        return self._versions(self._request("GET", f"/v1/adapters/{self._q(name)}/versions"))
 
     def resolve(self, ref: str) -> dict[str, Any]:
-        return self._request("GET", f"/v1/resolve/{self._q(ref)}").json()
+        r = self._request("GET", f"/v1/resolve/{self._q(ref)}")
+        return check_version_answer(self._json(r, dict), f"{self.url}'s answer for {ref}")
 
     def manifest(self, ref: str) -> dict[str, Any]:
-        return self._request("GET", f"/v1/manifest/{self._q(ref)}").json()
+        return self._json(self._request("GET", f"/v1/manifest/{self._q(ref)}"), dict)
 
     def has_blob(self, digest: str) -> bool:
         try:
@@ -193,15 +253,34 @@ class HubClient:
         self._check(r)
         return True
 
-    def download_blob(self, digest: str, store: BlobStore, on_bytes: ProgressFn | None = None) -> int:
-        """Stream a blob into `store`; its bytes must hash to `digest` or nothing is kept."""
+    def download_blob(
+        self,
+        digest: str,
+        store: BlobStore,
+        on_bytes: ProgressFn | None = None,
+        max_bytes: int | None = None,
+    ) -> int:
+        """Stream a blob into `store`; its bytes must hash to `digest` or nothing is kept.
+
+        At most `max_bytes` (and at most the answer's Content-Length) are written.
+        """
         check_digest(digest)
         try:
             with self.http.stream("GET", f"/v1/blobs/{digest}") as r:
                 if r.status_code >= 400:
                     r.read()
                     self._check(r)
-                _, size = store.put_stream(_ResponseReader(r, on_bytes), expected=digest)
+                limit = max_bytes if max_bytes is not None else (1 << 62)
+                length = r.headers.get("content-length")
+                if length is not None:
+                    if not (length.isascii() and length.isdigit()):
+                        raise BadResponse(f"{self.url} sent blob {digest} with Content-Length {length!r}")
+                    if int(length) > limit:
+                        raise IntegrityError(
+                            f"{self.url} declares blob {digest} as {length} bytes, over the {limit} expected"
+                        )
+                    limit = int(length)
+                _, size = store.put_stream(_ResponseReader(r, on_bytes, limit), expected=digest)
         except httpx.HTTPError as e:
             raise TransientError(f"download of {digest} from {self.url} failed: {e}") from None
         except IntegrityError as e:
@@ -223,10 +302,12 @@ class HubClient:
         self, name: str, files: dict[str, str], tags: list[str] | tuple[str, ...] = ()
     ) -> dict[str, Any]:
         body = {"files": files, "tags": list(tags)}
-        return self._request("POST", f"/v1/adapters/{self._q(name)}/versions", json=body).json()
+        r = self._request("POST", f"/v1/adapters/{self._q(name)}/versions", json=body)
+        return check_version_answer(self._json(r, dict), f"{self.url}'s answer to the commit of {name}")
 
     def tag(self, name: str, tag: str, ref: str) -> dict[str, Any]:
-        return self._request("PUT", f"/v1/adapters/{self._q(name)}/tags/{tag}", json={"ref": ref}).json()
+        r = self._request("PUT", f"/v1/adapters/{self._q(name)}/tags/{tag}", json={"ref": ref})
+        return check_version_answer(self._json(r, dict), f"{self.url}'s answer to tagging {name}")
 
 
 def _retry(fn: Callable[[], Any]) -> Any:
@@ -309,10 +390,12 @@ def pull(
                 f"{client.url}: the files of {info.get('ref')} do not hash to {info['digest']}"
             )
         missing = {f: d for f, d in files.items() if not reg.store.has(d)}
+        declared = info["size"]  # every blob of the version together: no download may pass it
         if on_total:
-            on_total(int(info.get("size") or 0) if missing else 0)
+            on_total(declared if missing else 0)
+        budget = declared
         for digest in sorted(set(missing.values())):
-            _retry(lambda d=digest: client.download_blob(d, reg.store, on_bytes))
+            budget -= _retry(lambda d=digest, b=budget: client.download_blob(d, reg.store, on_bytes, b))
         v = reg.commit(files, list(tags))
         if v.digest != info["digest"]:
             raise IntegrityError(f"pulled {v.ref} has digest {v.digest}, the hub says {info['digest']}")
@@ -345,4 +428,4 @@ def search_versions(query: str, remote: str | Remote | HubClient | None = None) 
     return [version_from_dict(d) for d in search(query, remote)]
 
 
-__all__ = ["HubClient", "pull", "push", "search", "search_versions", "version_from_dict"]
+__all__ = ["BadResponse", "HubClient", "pull", "push", "search", "search_versions", "version_from_dict"]
