@@ -75,3 +75,21 @@ class RemoteError(DeltahubError):
     """A remote hub answered with an error or could not be reached."""
 
     exit_code = 10
+
+
+class StorageFull(DeltahubError):
+    """The disk (or the registry database) has no room left for a write."""
+
+    exit_code = 11
+
+
+class ReadOnly(DeltahubError):
+    """A write to a registry whose home is read-only."""
+
+    exit_code = 12
+
+
+class InUse(DeltahubError):
+    """Removing something that another version still pins (a fusion's or merge's parent)."""
+
+    exit_code = 13
