@@ -19,9 +19,9 @@ where `get(key)` returns one tensor of the artifact and `config` is its
 from __future__ import annotations
 
 from deltahub.methods.registry import (
-    BUILTIN,
     ConfigCheck,
     MethodSpec,
+    builtin_folders,
     get_method,
     get_schema,
     known_methods,
@@ -30,9 +30,9 @@ from deltahub.methods.registry import (
 )
 
 __all__ = [
-    "BUILTIN",
     "ConfigCheck",
     "MethodSpec",
+    "builtin_folders",
     "get_method",
     "get_schema",
     "known_methods",

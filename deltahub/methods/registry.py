@@ -15,32 +15,24 @@ deltahub` imports neither. A schema is a function `check(config, tensors)` that 
 subclass (see `deltahub.methods.common`). A name may have a runtime only (a training name
 such as `ptuning-v2`, whose artifacts are prefix-tuning ones) or a schema only.
 
-The built-in folders register themselves on the first lookup that misses; a method outside
-the package registers when its package is imported.
+Every folder under `deltahub/methods/` is imported (running its registration line) on the
+first lookup that misses, so adding one needs no other edit; a method outside the package
+registers when its package is imported.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from deltahub.errors import InvalidArtifact, Unsupported
 from deltahub.fileformat import TensorInfo
 
 ConfigCheck = Callable[[dict[str, Any], dict[str, TensorInfo]], None]
-
-# The built-in method folders; importing one runs its registration line (torch-free).
-BUILTIN = (
-    "deltahub.methods.lora",
-    "deltahub.methods.bottleneck",
-    "deltahub.methods.ia3",
-    "deltahub.methods.bitfit",
-    "deltahub.methods.ssf",
-    "deltahub.methods.prompt",
-    "deltahub.methods.fusion",
-)
 
 
 @dataclass
@@ -74,11 +66,19 @@ def register_method(name: str, *, schema: str | ConfigCheck | None = None, runti
         spec.runtime = runtime
 
 
+def builtin_folders() -> list[str]:
+    """The method folders of this package (every subpackage of `deltahub.methods`)."""
+    here = Path(__file__).parent
+    return [f"deltahub.methods.{m.name}" for m in pkgutil.iter_modules([str(here)]) if m.ispkg]
+
+
 def _load_builtins() -> None:
+    # Importing a folder runs its registration line (torch-free), so a new folder needs
+    # no edit anywhere else.
     global _builtins_loaded
     if not _builtins_loaded:
         _builtins_loaded = True
-        for module in BUILTIN:
+        for module in builtin_folders():
             importlib.import_module(module)
 
 
