@@ -304,6 +304,10 @@ class AdaptedModel(nn.Module):
         adapters = [self._adapters[n] for n in route.keys]
         paths = {p for a in adapters for p in a.paths}
         saved = {p: self._sites[p].module.__dict__.get("forward") for p in paths | self._active_paths}
+        # Base-level hooks of the active block (soft prompts) would reach every row: suspend them.
+        hooked = [self._adapters[n] for n in (_names(self._active) if self._active is not None else [])]
+        for a in hooked:
+            a.set_active(self.base, False)
         try:
             for path in self._active_paths - paths:
                 self._sites[path].set(None)
@@ -322,6 +326,8 @@ class AdaptedModel(nn.Module):
                     site.set(None)
                 else:
                     site.module.forward = fn
+            for a in hooked:
+                a.set_active(self.base, True)
 
     # ------------------------------------------------------------------ merging
 
