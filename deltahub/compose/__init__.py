@@ -2,7 +2,7 @@
 
 `load_base` (base.py) loads and fingerprints the base; `AdaptedModel` (model.py) holds
 resident adapters and switches them; `Stack`, `Sum`, `Average`, `Fuse` (blocks.py)
-compose them; one module per method lives in `methods/`; `merge.py` builds new LoRA
+compose them; each method runs from its folder in `deltahub.methods`; `merge.py` builds new LoRA
 artifacts from old ones; `lowrank.py` is the exact factored math they share; `quant.py`
 and `export.py` handle 4-bit/8-bit bases and full-precision merged exports.
 """
