@@ -337,7 +337,7 @@ def test_dare_matches_peft_given_the_same_random_drops(loras, monkeypatch, metho
     """Our seeded drops are recorded per factor and replayed inside PEFT's random_pruning."""
     import peft.utils.merge_utils as mu
 
-    import deltahub.compose.merge as merge_mod
+    import deltahub.compose.merge.peft_methods as merge_mod
 
     drawn: dict[bytes, torch.Tensor] = {}
     real = merge_mod._dare_prune
