@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -90,3 +94,26 @@ def published(home: Path, name: str = "team/alpha", seed: int = 0, **kw: object)
 def export_bytes(reg: Registry, ref: str, out: Path) -> dict[str, bytes]:
     path = reg.export(ref, out)
     return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+@contextmanager
+def serve_app(app: Any) -> Iterator[str]:
+    """Any ASGI app (a fake hub) on 127.0.0.1 and a free port; yields its URL, stops it after."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the fake hub did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
