@@ -86,9 +86,8 @@ class AdaptedModel(nn.Module):
         **kwargs: Any,
     ) -> Any:
         if return_fusion_attentions:  # output gains `fusion_attentions` {fusion: {site: (B, T, N)}}
-            from deltahub.fusion.layer import forward_with_attentions
-
-            return forward_with_attentions(
+            # The fusion runtime comes from the method registry: compose never imports fusion.
+            return get_method("fusion").record_attentions(
                 self, lambda: self.forward(*args, adapter_names=adapter_names, **kwargs)
             )
         if adapter_names is None:

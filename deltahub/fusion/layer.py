@@ -365,6 +365,11 @@ class Fusion(AdapterModule):
             layer.last_attention = None
 
     @classmethod
+    def record_attentions(cls, model: Any, call: Callable[[], Any]) -> Any:
+        """`AdaptedModel.forward(..., return_fusion_attentions=True)`: see `forward_with_attentions`."""
+        return forward_with_attentions(model, call)
+
+    @classmethod
     def prepare_load(cls, model: Any, artifact: Any, registry: Any) -> None:
         """Before the fusion's own tensors load: bring in its constituents, pinned by digest."""
         from deltahub.fusion.artifact import load_constituents
