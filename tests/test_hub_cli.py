@@ -78,3 +78,55 @@ def test_remote_login_push_pull_search(hub: Hub, tmp_path: Path, monkeypatch: py
 def test_serve_refuses_a_public_address_without_the_flag() -> None:
     out = run("serve", "--host", "0.0.0.0", ok=False)
     assert out.startswith("8:") and "--allow-insecure-http" in out
+
+
+def test_token_revoke_takes_the_exact_prefix_only(tmp_path: Path) -> None:
+    home = str(tmp_path / "srv")
+    run("token", "create", "--home", home, "--scope", "read")
+    prefix = json.loads(run("token", "list", "--home", home, "--json"))[0]["prefix"].rstrip("…")
+    for wrong in (prefix[:3] + prefix[3:].swapcase(), prefix[:5] + "_" + prefix[6:], prefix[:-2]):
+        assert run("token", "revoke", "--home", home, wrong, ok=False).startswith("4:")
+    assert json.loads(run("token", "list", "--home", home, "--json"))[0]["status"] == "active"
+    assert "revoked token 1" in run("token", "revoke", "--home", home, prefix + "…")
+
+
+def test_serve_applies_its_connection_limits(tmp_path: Path) -> None:
+    """`deltahub serve` in a subprocess on 127.0.0.1: a silent connection is closed."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [
+        "--home",
+        str(tmp_path / "srv"),
+        "--port",
+        str(port),
+        "--header-timeout",
+        "1",
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from deltahub.cli.main import cli; cli()", "serve", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                conn = socket.create_connection(("127.0.0.1", port), timeout=1)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "serve did not start"
+                time.sleep(0.1)
+        with conn:
+            conn.settimeout(8)
+            assert conn.recv(1024) == b""  # closed by the server well before 8 s
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

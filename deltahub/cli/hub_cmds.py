@@ -62,11 +62,44 @@ def _byte_progress(description: str) -> Iterator[tuple[Callable[[int], None], Ca
     help="Allow a non-loopback --host over plain HTTP (put a TLS reverse proxy in front instead).",
 )
 @click.option("--log-level", default="info", show_default=True, help="uvicorn log level.")
+@click.option(
+    "--limit-concurrency",
+    type=click.IntRange(1),
+    default=1024,
+    show_default=True,
+    help="Connections and requests in flight before new requests get 503.",
+)
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds a connection has to send a request's headers before it is closed.",
+)
+@click.option(
+    "--timeout-keep-alive",
+    type=click.IntRange(1),
+    default=5,
+    show_default=True,
+    help="Seconds an idle kept-alive connection stays open.",
+)
 @handle_errors
 def serve(
-    home: str | None, host: str, port: int, public_read: bool, allow_insecure_http: bool, log_level: str
+    home: str | None,
+    host: str,
+    port: int,
+    public_read: bool,
+    allow_insecure_http: bool,
+    log_level: str,
+    limit_concurrency: int,
+    header_timeout: float,
+    timeout_keep_alive: int,
 ) -> None:
-    """Serve the registry over HTTP for push, pull, search and Hugging Face downloads."""
+    """Serve the registry over HTTP for push, pull, search and Hugging Face downloads.
+
+    Put a TLS reverse proxy in front for anything beyond this machine; it should also
+    limit request rates and failed logins per real client, body sizes and body time.
+    """
     from deltahub.hub.server import check_bind
     from deltahub.hub.server import serve as run_server
 
@@ -83,6 +116,9 @@ def serve(
         public_read=public_read,
         allow_insecure_http=allow_insecure_http,
         log_level=log_level,
+        limit_concurrency=limit_concurrency,
+        header_timeout=header_timeout,
+        timeout_keep_alive=timeout_keep_alive,
     )
 
 
@@ -151,7 +187,10 @@ def token_list(home: str | None, as_json: bool) -> None:
 @click.argument("token_id")
 @handle_errors
 def token_revoke(home: str | None, token_id: str) -> None:
-    """Revoke a token by its id or prefix (from `token list`); it stops working at once."""
+    """Revoke a token by its id, its exact prefix as `token list` shows it, or the token itself.
+
+    A prefix is matched exactly and case-sensitively; the token stops working at once.
+    """
     info = _tokens(home).revoke(token_id)
     click.echo(f"revoked token {info.id} ({info.lookup}…)")
 
