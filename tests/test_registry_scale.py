@@ -251,8 +251,8 @@ def test_a_publish_survives_gc_removing_its_blobs_before_the_commit(arts: list[P
     put = reg.store.put_file
     calls = []
 
-    def put_then_gc_strikes(src):  # gc --grace 0 between the copy and the transaction
-        digest, size = put(src)
+    def put_then_gc_strikes(src, *args):  # gc --grace 0 between the copy and the transaction
+        digest, size = put(src, *args)
         calls.append(digest)
         if len(calls) <= 2:
             reg.store.path(digest).unlink()

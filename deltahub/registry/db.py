@@ -13,6 +13,8 @@ from pathlib import Path
 
 from sqlite_utils import Database, Migrations
 
+from deltahub.errors import DeltahubError, ReadOnly, StorageFull
+
 BUSY_TIMEOUT_S = 60.0
 
 migrations = Migrations("deltahub.registry")
@@ -118,15 +120,46 @@ def connect(path: Path) -> Database:
     return db
 
 
+def sqlite_error(e: BaseException, path: str | Path = "the registry database") -> DeltahubError | None:
+    """The one-line error for a full disk or a read-only database (None for anything else)."""
+    if not isinstance(e, sqlite3.Error):
+        return None
+    text = str(e)
+    if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in text:
+        return StorageFull(f"no space left for {path}: free some (`deltahub gc`) and try again")
+    if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY or "readonly database" in text:
+        return ReadOnly(f"{path} is read-only here: reading works, writing needs a writable DELTAHUB_HOME")
+    return None
+
+
 @contextmanager
 def write_transaction(db: Database) -> Iterator[Database]:
-    """`BEGIN IMMEDIATE` ... `COMMIT`, rolled back on any exception."""
+    """`BEGIN IMMEDIATE` ... `COMMIT`, rolled back on any exception.
+
+    A full disk or a read-only database becomes `StorageFull` or `ReadOnly`.
+    """
     conn = db.conn
-    conn.execute("BEGIN IMMEDIATE")
     try:
-        yield db
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    else:
-        conn.execute("COMMIT")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            if conn.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
+                conn.execute("ROLLBACK")
+            raise
+        try:
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    except sqlite3.Error as e:
+        mapped = sqlite_error(e, db_path(db))
+        if mapped is None:
+            raise
+        raise mapped from None
+
+
+def db_path(db: Database) -> str:
+    row = db.conn.execute("PRAGMA database_list").fetchone()
+    return row[2] if row and row[2] else "the registry database"

@@ -13,6 +13,7 @@ publisher never loses a race with `gc`, whatever its grace period.
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, replace
@@ -20,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from deltahub import artifact as af
-from deltahub.errors import AlreadyExists, IntegrityError, InvalidArtifact, InvalidRef, NotFound
+from deltahub.errors import (
+    AlreadyExists,
+    DeltahubError,
+    IntegrityError,
+    InvalidArtifact,
+    InvalidRef,
+    NotFound,
+)
 from deltahub.registry.db import write_transaction
 from deltahub.registry.queries import Queries
 from deltahub.registry.refs import Ref, check_name, check_tag, check_version
@@ -94,20 +102,41 @@ class Writes(Queries):
             self._by_digest(parent.digest)  # a parent must be resolvable here
 
         sources = {f: src for f, src in artifact.files.items() if f != af.MANIFEST_FILE}
-        blobs = {fname: self.store.put_file(src) for fname, src in sources.items()}
-        with write_transaction(self.db):
-            for fname, (digest, _) in blobs.items():
-                if not self.store.has(digest):  # `gc` took it before we held the lock
-                    blobs[fname] = self.store.put_file(sources[fname])
-            version = version or self._next_int_version(name)
-            if self._row(name, version) is not None:
-                raise AlreadyExists(
-                    f"{name}@{version} already exists; versions are immutable "
-                    "(publish without --version for the next number, or pick a new one)"
-                )
-            final = replace(manifest, name=name, version=version, created=af.utc_now())
-            blobs[af.MANIFEST_FILE] = self.store.put_bytes(final.to_json())
-            return self._insert(final, blobs, tags)
+        created: list[str] = []  # blobs this publish added: taken back if it fails
+        try:
+            blobs = {fname: self.store.put_file(src, created) for fname, src in sources.items()}
+            with write_transaction(self.db):
+                for fname, (digest, _) in blobs.items():
+                    if not self.store.has(digest):  # `gc` took it before we held the lock
+                        blobs[fname] = self.store.put_file(sources[fname], created)
+                version = version or self._next_int_version(name)
+                if self._row(name, version) is not None:
+                    raise AlreadyExists(
+                        f"{name}@{version} already exists; versions are immutable "
+                        "(publish without --version for the next number, or pick a new one)"
+                    )
+                final = replace(manifest, name=name, version=version, created=af.utc_now())
+                blobs[af.MANIFEST_FILE] = self.store.put_bytes(final.to_json(), created)
+                return self._insert(final, blobs, tags)
+        except BaseException:
+            self._take_back(created)
+            raise
+
+    def _take_back(self, digests: list[str]) -> None:
+        """Remove blobs a failed publish added, unless a version references them by now.
+
+        Under the write lock, as gc deletes: a concurrent publisher of the same bytes either
+        committed already (the blob stays) or re-stores it in its own transaction.
+        """
+        if not digests:
+            return
+        try:
+            with write_transaction(self.db):
+                for digest in digests:
+                    if not self.db.execute("select 1 from files where blob = ? limit 1", [digest]).fetchone():
+                        self.store.remove(digest)
+        except (DeltahubError, OSError, sqlite3.Error):
+            pass  # best effort: the original error matters more; gc reclaims what is left
 
     def commit(self, files: dict[str, str], tags: Sequence[str] = ()) -> Version:
         """Record a version whose blobs (including its final deltahub.json) are already stored.

@@ -140,7 +140,10 @@ class Queries:
 
     def manifest(self, ref: str | Ref | Version) -> af.Manifest:
         v = ref if isinstance(ref, Version) else self.resolve(ref)
-        path = self.store.path(v.files[af.MANIFEST_FILE])
+        try:
+            path = self.store.verified_path(v.files[af.MANIFEST_FILE])
+        except IntegrityError as e:
+            raise IntegrityError(f"{v.ref}: manifest {e}") from None
         return af.Manifest.from_dict(json.loads(path.read_bytes()))
 
     def _latest_manifest(self, full_name: str) -> af.Manifest | None:
@@ -150,14 +153,18 @@ class Queries:
             return None
 
     def open(self, ref: str | Ref | Version) -> af.Artifact:
-        """The artifact of a version, its files read in place from the blob store."""
+        """The artifact of a version, its files read in place from the blob store.
+
+        Each blob is hashed the first time this process opens it (and again if it changes
+        on disk), so a flipped byte never loads.
+        """
         v = ref if isinstance(ref, Version) else self.resolve(ref)
-        files = {f: self.store.path(d) for f, d in v.files.items()}
-        for f, p in files.items():
-            if not p.is_file():
-                raise IntegrityError(
-                    f"{v.ref}: blob of {f} is missing from the store (run `deltahub verify`)"
-                )
+        files = {}
+        for f, d in v.files.items():
+            try:
+                files[f] = self.store.verified_path(d)
+            except IntegrityError as e:
+                raise IntegrityError(f"{v.ref}: {f}: {e}") from None
         return af.load_files(files)
 
     # ------------------------------------------------------------------ listings

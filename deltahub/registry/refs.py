@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from deltahub.errors import InvalidRef
 
 _PART = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}"
-NAME_RE = re.compile(rf"^(?:(?P<ns>{_PART})/)?(?P<name>{_PART})$")
-VERSION_RE = re.compile(r"^[0-9][A-Za-z0-9_.+\-]{0,63}$")
-TAG_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,63}$")
-DIGEST_PREFIX_RE = re.compile(r"^sha256:[0-9a-f]{6,64}$")
+# Matched with `fullmatch`: `$` would also match before a trailing newline ("team/y\n").
+NAME_RE = re.compile(rf"(?:(?P<ns>{_PART})/)?(?P<name>{_PART})")
+VERSION_RE = re.compile(r"[0-9][A-Za-z0-9_.+\-]{0,63}")
+TAG_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,63}")
+DIGEST_PREFIX_RE = re.compile(r"sha256:[0-9a-f]{6,64}")
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Ref:
     def kind(self) -> str:
         if self.selector.startswith("sha256:"):
             return "digest"
-        if VERSION_RE.match(self.selector):
+        if VERSION_RE.fullmatch(self.selector):
             return "version"
         return "tag"
 
@@ -43,7 +44,7 @@ class Ref:
 
 
 def check_name(full_name: str) -> tuple[str | None, str]:
-    m = NAME_RE.match(full_name or "")
+    m = NAME_RE.fullmatch(full_name or "")
     if not m or ".." in full_name:
         raise InvalidRef(
             f"{full_name!r} is not an adapter name: use [namespace/]name with letters, digits, "
@@ -53,13 +54,13 @@ def check_name(full_name: str) -> tuple[str | None, str]:
 
 
 def check_version(version: str) -> str:
-    if not isinstance(version, str) or not VERSION_RE.match(version):
+    if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
         raise InvalidRef(f"version {version!r} must start with a digit (e.g. 3 or 1.2.0)")
     return version
 
 
 def check_tag(tag: str) -> str:
-    if not isinstance(tag, str) or not TAG_RE.match(tag):
+    if not isinstance(tag, str) or not TAG_RE.fullmatch(tag):
         raise InvalidRef(f"tag {tag!r} must start with a letter (letters, digits, '_', '.', '-')")
     return tag
 
@@ -73,9 +74,9 @@ def parse_ref(text: str) -> Ref:
         raise InvalidRef(f"{text!r} ends in '@': add a version, tag or sha256:digest")
     selector = selector or "latest"
     if selector.startswith("sha256:"):
-        if not DIGEST_PREFIX_RE.match(selector):
+        if not DIGEST_PREFIX_RE.fullmatch(selector):
             raise InvalidRef(f"{selector!r}: a digest selector is sha256: and 6 to 64 lowercase hex digits")
-    elif not (VERSION_RE.match(selector) or TAG_RE.match(selector)):
+    elif not (VERSION_RE.fullmatch(selector) or TAG_RE.fullmatch(selector)):
         raise InvalidRef(
             f"{selector!r} is neither a version (starts with a digit) nor a tag (starts with a letter)"
         )

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 from pathlib import Path
 
 from deltahub.registry.db import connect
@@ -31,6 +33,10 @@ class Registry(Writes, Upkeep):
         self.home.mkdir(parents=True, exist_ok=True)
         self.store = BlobStore(self.home)
         self.db = connect(self.home / "registry.db")
+        # Crash leftovers: temp files whose writing process is gone, whatever their age
+        # (a read-only home keeps them until a writable open).
+        with contextlib.suppress(OSError):
+            self.store.sweep_tmp(math.inf)
 
     def close(self) -> None:
         self.db.conn.close()
