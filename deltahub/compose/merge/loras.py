@@ -24,8 +24,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from deltahub.compose.merge import exact, peft_methods
+from deltahub.compose.merge.exact import stacked
 from deltahub.compose.merge.peft_format import A_SUFFIX, B_SUFFIX, M_SUFFIX, lora_modules, output_config
+from deltahub.compose.merge.peft_methods import same_rank
 from deltahub.errors import IncompatibleBase, InvalidConfig, Unsupported
 
 Progress = Callable[[Iterable[Any], int], Iterable[Any]]  # (items, count) -> the same items
@@ -131,9 +132,9 @@ def merge_loras(
         )  # (G, n): c = w * s
         rows = [[parsed[i][m] for i in present] for m in names]
         if method in ("cat", "svd"):
-            B, A = exact.stacked(method, coeffs, rows, rank)
+            B, A = stacked(method, coeffs, rows, rank)
         else:
-            B, A = peft_methods.same_rank(method, coeffs, rows, density, generator, majority_sign_method)
+            B, A = same_rank(method, coeffs, rows, density, generator, majority_sign_method)
         for g, module in enumerate(names):
             tensors[module + A_SUFFIX] = A[g].to(dtype).contiguous()
             tensors[module + B_SUFFIX] = B[g].to(dtype).contiguous()
