@@ -451,3 +451,11 @@ def test_every_hub_answer_is_validated(tmp_path: Path, answer: Any) -> None:
             pull("team/alpha", HubClient(url), Registry(tmp_path / "b"))
         with pytest.raises(BadResponse):
             HubClient(url).resolve("team/alpha")
+
+
+def test_names_that_moved_out_of_server_still_import_with_a_warning() -> None:
+    from deltahub.hub import responses, server
+
+    with pytest.warns(DeprecationWarning, match="deltahub.hub.responses.error_response"):
+        assert server.error_response is responses.error_response
+    assert server.ServerThread and server.check_bind and server.is_loopback  # its own names: no warning

@@ -36,20 +36,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from deltahub.errors import DeltahubError, Unsupported
 from deltahub.hub import api, blobs, hf_routes
-from deltahub.hub.api import MAX_JSON_BODY
-from deltahub.hub.auth import AuthThrottle, bearer_token
+from deltahub.hub.auth import AuthThrottle
 from deltahub.hub.remotes import is_loopback
-from deltahub.hub.responses import (
-    Forbidden,
-    HubNotFound,
-    MissingBlobs,
-    PayloadTooLarge,
-    deltahub_error,
-    error_response,
-    http_error,
-    internal_error,
-)
-from deltahub.hub.state import MAX_BLOB_BYTES, HubState, hub_state
+from deltahub.hub.responses import deltahub_error, http_error, internal_error
+from deltahub.hub.state import MAX_BLOB_BYTES, HubState
 from deltahub.settings import default_home
 
 DEFAULT_PORT = 8600
@@ -58,27 +48,52 @@ TIMEOUT_KEEP_ALIVE_S = 5
 LIMIT_CONCURRENCY = 1024
 MAX_HEADER_BYTES = 16 << 10
 
-# Kept importable from here for one release (they moved by job; see the module docstring).
-blob_response = blobs.blob_response
-_state = hub_state
 __all__ = [
     "DEFAULT_PORT",
     "MAX_BLOB_BYTES",
-    "MAX_JSON_BODY",
-    "Forbidden",
-    "HubNotFound",
-    "HubState",
-    "MissingBlobs",
-    "PayloadTooLarge",
     "ServerThread",
-    "bearer_token",
-    "blob_response",
     "check_bind",
     "create_app",
-    "error_response",
     "is_loopback",
     "serve",
 ]
+
+# Names that lived here before the hub was split by job: importable from here for one
+# release, with a DeprecationWarning naming their new home.
+_MOVED = {
+    "MAX_JSON_BODY": "deltahub.hub.api",
+    "list_adapters": "deltahub.hub.api",
+    "list_versions": "deltahub.hub.api",
+    "resolve_ref": "deltahub.hub.api",
+    "get_manifest": "deltahub.hub.api",
+    "whoami": "deltahub.hub.api",
+    "commit_version": "deltahub.hub.api",
+    "move_tag": "deltahub.hub.api",
+    "get_blob": "deltahub.hub.blobs",
+    "put_blob": "deltahub.hub.blobs",
+    "blob_response": "deltahub.hub.blobs",
+    "HubState": "deltahub.hub.state",
+    "bearer_token": "deltahub.hub.auth",
+    "Forbidden": "deltahub.hub.responses",
+    "PayloadTooLarge": "deltahub.hub.responses",
+    "MissingBlobs": "deltahub.hub.responses",
+    "HubNotFound": "deltahub.hub.responses",
+    "error_response": "deltahub.hub.responses",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
+        import warnings
+
+        warnings.warn(
+            f"deltahub.hub.server.{name} moved to {_MOVED[name]}.{name}; the old path goes in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'deltahub.hub.server' has no attribute {name!r}")
 
 
 def create_app(
