@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from deltahub.errors import InvalidArtifact
-from deltahub.fileformat import TASK_HEAD_PREFIX, TensorInfo
+from deltahub.patterns import MAX_TOTAL_STATES, PatternError, check_pattern, pattern_size
 
 
 def bad(msg: str) -> InvalidArtifact:
@@ -47,6 +48,33 @@ def check_known(config: dict[str, Any], known: set[str], method: str) -> None:
         raise bad("base_model_type must be a string or null")
 
 
-def delta_tensors(tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
-    """The adapter's own tensors: everything but a trained task head's."""
-    return {n: t for n, t in tensors.items() if not n.startswith(TASK_HEAD_PREFIX)}
+def short(value: Any, limit: int = 80) -> str:
+    """`repr(value)`, cut to `limit` characters for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_regex(field: str, pattern: Any) -> None:
+    """A pattern from the config that is matched against module names: it must be one that
+    `deltahub.patterns` matches in linear time (`InvalidArtifact("config-pattern")`)."""
+    try:
+        check_pattern(pattern)
+    except PatternError as e:
+        raise InvalidArtifact("config-pattern", f"{field} pattern {short(pattern)}: {e}") from None
+
+
+def check_pattern_map(config: dict[str, Any], field: str, value_ok: Callable[[Any], bool], what: str) -> None:
+    """`config[field]`, PEFT's {module pattern: value} map (rank_pattern, alpha_pattern)."""
+    patterns = config.get(field) or {}
+    if not isinstance(patterns, dict):
+        raise bad(f"config field {field!r} must be an object")
+    states = 0
+    for key, value in patterns.items():
+        check_regex(field, key)
+        states += pattern_size(key)
+        if states > MAX_TOTAL_STATES:
+            raise InvalidArtifact(
+                "config-pattern", f"{field}: its regex keys need more than {MAX_TOTAL_STATES} states together"
+            )
+        if not value_ok(value):
+            raise bad(f"{field}[{short(key)}] must be {what}, got {short(value)}")

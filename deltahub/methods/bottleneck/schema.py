@@ -10,8 +10,31 @@ Bottleneck adapters (`"method": "bottleneck"`), adapter_config.json:
       "non_linearity": "relu",            # relu | gelu | gelu_new | silu | swish | tanh
       "scaling": 1.0,                     # s, the output multiplier (AdaptFormer uses 0.1)
       "target_layers": null,              # list of layer indices, or null for every layer
-      "base_model_type": "bert"           # informational: the architecture it was built on
+      "base_model_type": "bert",          # informational: the architecture it was built on
+      "placement_version": 2,             # 2: AdapterHub's placements; absent: 1 (see below)
+      "original_ln_before": true          # serial variants only; default per variant (below)
     }
+
+Where each variant reads and writes (`x` = the residual stream entering the sub-layer,
+`h` = the sub-layer's output before its residual add, `LN` = the sub-layer's own
+post-LayerNorm on BERT-style encoders, absent on pre-LN decoders; A includes `scaling`).
+`placement_version: 2` is exactly AdapterHub's (`adapters` 1.3.0) `SeqBnConfig`,
+`DoubleSeqBnConfig` and `ParBnConfig`:
+
+    pfeiffer (original_ln_before true)   encoder  LN(x + h + A(LN(x + h)))   decoder  x + h + A(x + h)
+    pfeiffer / houlsby (..._before false) encoder  LN(x + h + A(h))           decoder  x + h + A(h)
+    parallel                             encoder  LN(x + h + A(x))           decoder  x + h + A(x)
+
+`houlsby` has sites after attention and after the FFN, the others after the FFN only.
+`original_ln_before` defaults to true for pfeiffer and false for houlsby (AdapterHub's).
+
+`placement_version: 1` (a config without the field: every artifact published before
+AdapterHub's placements were adopted) keeps computing what it computed when it was
+trained: pfeiffer reads the FFN output `h` (i.e. `original_ln_before: false`), and
+parallel reads the FFN module's own input, which on pre-LN decoders (GPT-2, Llama,
+Qwen2) is the *normalized* stream `LN_2(x)` (He et al.'s formulation) rather than `x`;
+on BERT-style encoders both versions are the same. Version 1 is loaded and re-saved
+as it is, never created: `create` writes version 2.
 
 Tensors, for each module `<site>` whose output the adapter changes:
 
@@ -31,6 +54,8 @@ from deltahub.fileformat import TASK_HEAD_PREFIX, TensorInfo
 from deltahub.methods.checks import bad, is_int, is_num
 
 BOTTLENECK_VARIANTS = ("houlsby", "pfeiffer", "parallel")
+PLACEMENT_VERSIONS = (1, 2)
+CURRENT_PLACEMENT = 2
 NON_LINEARITIES = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh")
 BOTTLENECK_PARTS = {
     "adapter_down.weight": 2,
@@ -52,6 +77,8 @@ class BottleneckConfig:
     scaling: float = 1.0
     target_layers: list[int] | None = None
     base_model_type: str | None = None
+    placement_version: int = 1
+    original_ln_before: bool | None = None
     method: str = "bottleneck"
 
     def __post_init__(self) -> None:
@@ -89,6 +116,24 @@ class BottleneckConfig:
             raise bad(f"target_layers must be a list of layer indices or null, got {self.target_layers!r}")
         if self.base_model_type is not None and not isinstance(self.base_model_type, str):
             raise bad("base_model_type must be a string or null")
+        if not is_int(self.placement_version) or self.placement_version not in PLACEMENT_VERSIONS:
+            raise bad(f"placement_version must be one of {PLACEMENT_VERSIONS}, got {self.placement_version!r}")
+        if self.original_ln_before is not None and not isinstance(self.original_ln_before, bool):
+            raise bad(f"original_ln_before must be true, false or null, got {self.original_ln_before!r}")
+        if self.variant == "parallel" and self.original_ln_before:
+            raise bad("original_ln_before applies to serial adapters (houlsby, pfeiffer), not parallel")
+        if self.original_ln_before and self.placement_version == 1:
+            raise bad("original_ln_before needs placement_version 2")
+        if self.original_ln_before is None and self.variant != "parallel":
+            self.original_ln_before = self.variant == "pfeiffer" and self.placement_version >= 2
+
+    @property
+    def reads(self) -> str:
+        """What the adapter reads: "output" (h), "sum" (LN(x + h) / x + h), "stream" (x), or
+        "input" (the FFN module's own input: version-1 parallel adapters)."""
+        if self.variant == "parallel":
+            return "stream" if self.placement_version >= 2 else "input"
+        return "sum" if self.original_ln_before else "output"
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> BottleneckConfig:

@@ -29,7 +29,6 @@ Artifacts are PEFT's, unchanged: `adapter_config.json` with `"peft_type": "IA3"`
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +41,7 @@ from deltahub.errors import IncompatibleBase, InvalidConfig, Unsupported
 from deltahub.methods.affine import fold_input, fold_output, restore
 from deltahub.methods.common import AdapterModule, SiteDelta
 from deltahub.methods.lora.runtime import PREFIX, dequantized_weight
+from deltahub.patterns import fullmatch
 
 KEY = "ia3_l"
 
@@ -63,7 +63,7 @@ def is_feedforward(config: dict[str, Any], path: str) -> bool:
     if not ff:
         return False
     if isinstance(ff, str):
-        return re.fullmatch(ff, path) is not None
+        return fullmatch(ff, path)  # linear time: the regex comes from the artifact
     return any(path.endswith(k) for k in ff)
 
 

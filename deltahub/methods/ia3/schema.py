@@ -12,13 +12,15 @@ from typing import Any
 
 from deltahub.errors import InvalidArtifact
 from deltahub.fileformat import TASK_HEAD_PREFIX, TensorInfo
-from deltahub.methods.checks import bad, str_or_list
+from deltahub.methods.checks import bad, check_regex, str_or_list
 
 
 def check_config(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> None:
     """Field types, and every tensor an `ia3_l` vector shaped (n, 1) or (1, n)."""
     str_or_list(config, "target_modules", required=True)
     str_or_list(config, "feedforward_modules", required=False)
+    if isinstance(config.get("feedforward_modules"), str):  # a regex, matched at load
+        check_regex("feedforward_modules", config["feedforward_modules"])
     if "fan_in_fan_out" in config and not isinstance(config["fan_in_fan_out"], bool):
         raise bad("fan_in_fan_out must be true or false")
     found = 0

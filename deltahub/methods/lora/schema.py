@@ -15,7 +15,7 @@ from typing import Any
 
 from deltahub.errors import InvalidArtifact
 from deltahub.fileformat import TensorInfo
-from deltahub.methods.checks import need
+from deltahub.methods.checks import check_pattern_map, is_int, is_num, need
 from deltahub.patterns import lora_scaling, pattern_value
 
 __all__ = ["check_config", "lora_scaling", "module_of", "pattern_value"]
@@ -43,9 +43,9 @@ def check_config(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> None
     for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
         if key in config and not isinstance(config[key], bool):
             raise InvalidArtifact("config-schema", f"config field {key!r} must be true or false")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
-            raise InvalidArtifact("config-schema", f"config field {key!r} must be an object")
+    # Their keys are regexes matched against module names at load, merge and diff.
+    check_pattern_map(config, "rank_pattern", lambda v: is_int(v) and v > 0, "a positive integer")
+    check_pattern_map(config, "alpha_pattern", is_num, "a number")
     rank_pattern = config.get("rank_pattern") or {}
     a_shapes: dict[str, tuple[int, ...]] = {}
     b_shapes: dict[str, tuple[int, ...]] = {}
