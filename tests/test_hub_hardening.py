@@ -459,3 +459,23 @@ def test_names_that_moved_out_of_server_still_import_with_a_warning() -> None:
     with pytest.warns(DeprecationWarning, match="deltahub.hub.responses.error_response"):
         assert server.error_response is responses.error_response
     assert server.ServerThread and server.check_bind and server.is_loopback  # its own names: no warning
+
+
+def test_a_full_disk_is_a_507_without_paths(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deltahub.errors import StorageFull
+
+    state = hub.server.app.state.hub
+
+    def full(*args: Any, **kw: Any) -> Any:
+        raise StorageFull(
+            f"no space left on the disk of {state.home}: free some (`deltahub gc`) and try again"
+        )
+
+    monkeypatch.setattr(state.store, "put_stream", full)
+    data = b"some bytes"
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    r = httpx.put(
+        f"{hub.url}/v1/adapters/team/alpha/blobs/{digest}", content=data, headers=_auth(hub.tokens["write"])
+    )
+    assert r.status_code == 507 and r.json()["error"] == "storage-full"
+    assert "no space left" in r.json()["message"] and str(hub.home) not in r.text

@@ -26,6 +26,8 @@ from deltahub.errors import (
     InvalidConfig,
     InvalidRef,
     NotFound,
+    ReadOnly,
+    StorageFull,
     Unsupported,
 )
 
@@ -76,6 +78,8 @@ _STATUS: list[tuple[type[DeltahubError], int, str]] = [
     (MissingBlobs, 400, "missing-blobs"),
     (AuthError, 401, "unauthorized"),
     (CorruptBlob, 500, "corrupt-blob"),
+    (StorageFull, 507, "storage-full"),
+    (ReadOnly, 503, "read-only"),
     (InvalidArtifact, 400, "invalid-artifact"),
     (InvalidRef, 400, "invalid-ref"),
     (InvalidConfig, 400, "invalid-request"),
@@ -144,7 +148,9 @@ def error_response(
     if status >= 500:
         incident = uuid.uuid4().hex[:12]
         log.error("incident %s: %s: %s", incident, type(exc).__name__, exc)
-        said = message if isinstance(exc, CorruptBlob) else "the hub failed to answer"
+        said = (
+            message if isinstance(exc, (CorruptBlob, StorageFull, ReadOnly)) else "the hub failed to answer"
+        )
         message = f"{said} (incident {incident}, details in the server log)"
     body: dict[str, Any] = {"error": code, "message": message}
     if isinstance(exc, InvalidArtifact):
