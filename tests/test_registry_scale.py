@@ -21,7 +21,7 @@ from deltahub.registry import Registry
 from deltahub.registry.db import migrations
 from tests.test_artifact import make_good
 
-HOT_TABLES = ("versions", "tags", "files")
+HOT_TABLES = ("versions", "tags", "files", "pins")
 
 
 @pytest.fixture(scope="module")

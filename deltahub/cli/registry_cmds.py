@@ -273,14 +273,15 @@ def export(ref: str, directory: str, merged: bool, base: str | None) -> None:
 @click.command()
 @click.argument("ref")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--force", is_flag=True, help="Remove it even if a fusion or merge pins it as a parent.")
 @handle_errors
-def rm(ref: str, yes: bool) -> None:
+def rm(ref: str, yes: bool, force: bool) -> None:
     """Remove one version (its blobs are reclaimed by `deltahub gc`)."""
     registry = _registry()
     v = registry.resolve(ref)
     if not yes and sys.stdin.isatty():
         click.confirm(f"remove {v.ref} ({v.digest[:19]})?", abort=True)
-    registry.remove(v.ref)
+    registry.remove(v.ref, force=force)
     click.echo(f"removed {v.ref}")
 
 

@@ -6,7 +6,9 @@ Writes go through `write_transaction`, which takes the write lock up front with
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -104,8 +106,33 @@ def m002_indexes_for_scale(db: Database) -> None:
     )
 
 
+@migrations()
+def m003_pins(db: Database) -> None:
+    """Which versions pin which digests (a fusion's or merge's parents), found by index.
+
+    `rm` asks it before removing a version others depend on; `verify` for dangling pins.
+    """
+    db["pins"].create(
+        {"version_id": int, "digest": str},
+        pk=("version_id", "digest"),
+        foreign_keys=[("version_id", "versions", "id")],
+    )
+    db["pins"].create_index(["digest"])
+    db.execute(
+        "insert or ignore into pins (version_id, digest) "
+        "select v.id, json_extract(p.value, '$.digest') from versions v, json_each(v.parents) p "
+        "where json_valid(v.parents) and json_extract(p.value, '$.digest') is not null"
+    )
+
+
 def connect(path: Path) -> Database:
-    """Open (creating if needed) the registry database and apply pending migrations."""
+    """Open (creating if needed) the registry database and apply pending migrations.
+
+    Where the home is read-only (a shared mount, an image layer), the database opens
+    read-only: every read works, every write raises `ReadOnly`.
+    """
+    if not writable(path):
+        return connect_read_only(path)
     conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
     if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
@@ -130,6 +157,40 @@ def sqlite_error(e: BaseException, path: str | Path = "the registry database") -
     if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY or "readonly database" in text:
         return ReadOnly(f"{path} is read-only here: reading works, writing needs a writable DELTAHUB_HOME")
     return None
+
+
+def writable(path: Path) -> bool:
+    return os.access(path.parent, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
+
+
+def connect_read_only(path: Path) -> Database:
+    if not path.exists():  # nothing published here: an empty registry that refuses writes
+        conn = sqlite3.connect(":memory:", check_same_thread=False)
+        db = Database(conn, execute_plugins=False)
+        migrations.apply(db)
+    else:
+        uri = "file:" + urllib.parse.quote(str(path.resolve()))
+        # A WAL database needs its -shm file; where that cannot be made, read the file as
+        # it is (the last writer to close checkpointed it).
+        for suffix in ("?mode=ro", "?mode=ro&immutable=1"):
+            try:
+                conn = sqlite3.connect(
+                    uri + suffix, uri=True, timeout=BUSY_TIMEOUT_S, check_same_thread=False
+                )
+                conn.execute("select count(*) from sqlite_master").fetchone()
+                break
+            except sqlite3.Error:
+                continue
+        else:
+            raise ReadOnly(f"{path} cannot be read from this read-only home")
+        db = Database(conn, execute_plugins=False)
+        if migrations.pending(db):
+            raise ReadOnly(
+                f"{path} was written by an older deltahub and needs a one-time upgrade: "
+                "open it once where its home is writable"
+            )
+    conn.execute("PRAGMA query_only = ON")
+    return db
 
 
 @contextmanager

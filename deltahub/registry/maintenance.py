@@ -14,7 +14,7 @@ from deltahub import artifact as af
 from deltahub.errors import InvalidArtifact
 from deltahub.registry.db import write_transaction
 from deltahub.registry.queries import Queries
-from deltahub.registry.store import sha256_file
+from deltahub.registry.store import sha256_file, storage_error
 from deltahub.registry.version import GcReport, VerifyReport
 from deltahub.settings import DEFAULT_GC_GRACE_SECONDS
 
@@ -49,6 +49,15 @@ class Upkeep(Queries):
             "(select version_id from tags where tag = 'latest')"
         ).fetchall()
         problems += [f"{n}: a version flagged latest is not the 'latest' tag's" for (n,) in astray]
+        dangling_pins = self.db.execute(
+            "select versions.full_name, versions.version, pins.digest from pins "
+            "join versions on versions.id = pins.version_id "
+            "where pins.digest not in (select digest from versions)"
+        ).fetchall()
+        problems += [
+            f"{n}@{ver}: pins parent {d}, which is not in this registry (it cannot load)"
+            for n, ver, d in dangling_pins
+        ]
         integrity = self.db.execute("pragma integrity_check").fetchone()[0]
         if integrity != "ok":
             problems.append(f"registry.db integrity_check: {integrity}")
@@ -107,5 +116,8 @@ class Upkeep(Queries):
                         continue
                     freed += st.st_size
                     removed.append(digest)
-        tmp_removed = self.store.sweep_tmp(grace_seconds)
+        try:
+            tmp_removed = self.store.sweep_tmp(grace_seconds)
+        except OSError as e:
+            raise (storage_error(e, self.home) or e) from None
         return GcReport(removed=removed, bytes_freed=freed, tmp_removed=tmp_removed)

@@ -25,6 +25,7 @@ from deltahub.errors import (
     AlreadyExists,
     DeltahubError,
     IntegrityError,
+    InUse,
     InvalidArtifact,
     InvalidRef,
     NotFound,
@@ -218,9 +219,31 @@ class Writes(Queries):
         self.db["files"].insert_all(
             {"version_id": version_id, "filename": f, "blob": d, "size": s} for f, (d, s) in blobs.items()
         )
+        for parent in manifest.parents:
+            self.db.execute(
+                "insert or ignore into pins (version_id, digest) values (?, ?)",
+                [version_id, self._pinned_digest(parent.digest)],
+            )
         for tag in ("latest", *tags) if move_latest else tags:
             self._set_tag(full_name, tag, version_id)
         return self._version(self._row_by_id(version_id))
+
+    def _pinned_digest(self, digest: str) -> str:
+        """A parent's full digest (a manifest may pin by unique prefix; a pulled one may be absent)."""
+        try:
+            return self._by_digest(digest)["digest"]
+        except (NotFound, InvalidRef):
+            return digest
+
+    def dependents(self, ref: str | Ref | Version) -> list[Version]:
+        """Versions that pin this one as a parent (fusions, merges), by index."""
+        v = ref if isinstance(ref, Version) else self.resolve(ref)
+        rows = self._query(
+            "select versions.* from pins join versions on versions.id = pins.version_id "
+            "where pins.digest = ? order by versions.full_name, versions.seq",
+            [v.digest],
+        )
+        return self._versions(rows)
 
     def _next_int_version(self, full_name: str) -> str:
         top = self.db.execute("select max(vnum) from versions where full_name = ?", [full_name]).fetchone()[0]
@@ -272,10 +295,22 @@ class Writes(Queries):
             if cur.rowcount == 0:
                 raise NotFound(f"{name} has no tag {tag!r}")
 
-    def remove(self, ref: str | Ref) -> Version:
-        """Delete one version (its blobs become garbage for `gc`). `latest` moves back."""
+    def remove(self, ref: str | Ref, *, force: bool = False) -> Version:
+        """Delete one version (its blobs become garbage for `gc`). `latest` moves back.
+
+        A version that another pins (a fusion or merge built from it) stays unless `force`:
+        removing it would leave that one unloadable.
+        """
         with write_transaction(self.db):
             v = self.resolve(ref)
+            pinned_by = [d for d in self.dependents(v) if d.id != v.id]
+            if pinned_by and not force:
+                names = ", ".join(d.ref for d in pinned_by[:5]) + (" ..." if len(pinned_by) > 5 else "")
+                raise InUse(
+                    f"{v.ref} is a parent of {names}, which would no longer load: remove those "
+                    "first, or remove it anyway with --force"
+                )
+            self.db.execute("delete from pins where version_id = ?", [v.id])
             self.db.execute("delete from latest_fts where rowid = ?", [v.id])
             self.db.execute("delete from tags where version_id = ?", [v.id])
             self.db.execute("delete from files where version_id = ?", [v.id])

@@ -16,7 +16,7 @@ from pathlib import Path
 from deltahub.registry.db import connect
 from deltahub.registry.maintenance import Upkeep
 from deltahub.registry.publish import Writes
-from deltahub.registry.store import BlobStore
+from deltahub.registry.store import BlobStore, storage_error
 from deltahub.registry.version import GcReport, Page, VerifyReport, Version, version_key
 from deltahub.settings import default_home
 
@@ -30,7 +30,10 @@ class Registry(Writes, Upkeep):
 
     def __init__(self, home: Path | str | None = None) -> None:
         self.home = Path(home).expanduser() if home is not None else default_home()
-        self.home.mkdir(parents=True, exist_ok=True)
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise (storage_error(e, self.home) or e) from None
         self.store = BlobStore(self.home)
         self.db = connect(self.home / "registry.db")
         # Crash leftovers: temp files whose writing process is gone, whatever their age
