@@ -224,7 +224,11 @@ class HubClient:
     # ------------------------------------------------------------------ reads
 
     def whoami(self) -> dict[str, Any]:
-        return self._json(self._request("GET", "/v1/auth"), dict)
+        d = self._json(self._request("GET", "/v1/auth"), dict)
+        _field(d, "scope", str, f"{self.url}'s answer about the token")
+        if d.get("namespace") is not None:
+            _field(d, "namespace", str, f"{self.url}'s answer about the token")
+        return d
 
     def list(self, query: str | None = None, **filters: str | None) -> list[dict[str, Any]]:
         params = {k: v for k, v in {"q": query, **filters}.items() if v}
