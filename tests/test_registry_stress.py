@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -66,7 +67,13 @@ def test_publisher_killed_at_random_moments_leaves_a_consistent_registry(tmp_pat
     kills = 0
     for _ in range(30):
         p = worker(home, 1000, [f"{art}:victim"])
-        time.sleep(rng.uniform(0.15, 0.6))  # interpreter start is ~0.15 s; kill somewhere in publishing
+        # Kill somewhere in publishing, whatever the machine's load: once the worker has
+        # reported its first version, within the next few publishes (each takes ~5-20 ms).
+        ready, _, _ = select.select([p.stdout], [], [], 120)
+        assert ready and p.stdout.readline().startswith("ok "), (
+            p.stderr.read() if p.poll() is not None else ""
+        )
+        time.sleep(rng.uniform(0.0, 0.05))
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
             kills += 1
