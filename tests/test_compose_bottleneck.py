@@ -11,14 +11,30 @@ from deltahub.errors import InvalidArtifact, InvalidConfig, Unsupported
 from tests.compose_helpers import ids, out_of, randomize, tiny
 
 TOL = 1e-5
-# (attention output module, FFN output module, FFN input module) of layer 0
+# layer 0's (attention output, FFN output, module whose input is the FFN's stream x,
+# the FFN sub-layer's post-LayerNorm or None, the FFN module's own input module)
 POINTS = {
     "bert": (
         "encoder.layer.0.attention.output.dense",
         "encoder.layer.0.output.dense",
         "encoder.layer.0.intermediate",
+        "encoder.layer.0.output.LayerNorm",
+        "encoder.layer.0.intermediate",
     ),
-    "llama": ("model.layers.0.self_attn.o_proj", "model.layers.0.mlp", "model.layers.0.mlp"),
+    "llama": (
+        "model.layers.0.self_attn.o_proj",
+        "model.layers.0.mlp",
+        "model.layers.0.post_attention_layernorm",
+        None,
+        "model.layers.0.mlp",
+    ),
+    "gpt2": (
+        "transformer.h.0.attn.c_proj",
+        "transformer.h.0.mlp",
+        "transformer.h.0.ln_2",
+        None,
+        "transformer.h.0.mlp",
+    ),
 }
 
 
@@ -57,14 +73,27 @@ def _io(model, path, x):
     return seen["x"], seen["y"]
 
 
-@pytest.mark.parametrize("kind", ["bert", "llama"])
+def _expected_ffn(kind, variant, layer, s, y0, stream, ln, own_input, legacy=False):
+    """The FFN site's output by AdapterHub's equations (SPEC.md 1.3), or version 1's."""
+    with torch.no_grad():
+        if variant == "houlsby" or (variant == "pfeiffer" and legacy):
+            z = y0  # the sub-layer output h
+        elif variant == "pfeiffer":
+            z = y0 + stream if ln is None else ln(y0 + stream)  # LN(x + h) / x + h
+        else:
+            z = own_input if legacy else stream  # version 1 read the FFN module's own input
+        return y0 + s * layer.f(z)
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama", "gpt2"])
 @pytest.mark.parametrize("variant", ["houlsby", "pfeiffer", "parallel"])
 def test_placement(kind, variant):
-    attn, ffn, ffn_in = POINTS[kind]
+    attn, ffn, stream_mod, ln_path, ffn_in = POINTS[kind]
     model = AdaptedModel(load_base(tiny(kind), device="cpu"))
     x = ids()
     model.add_adapter("b", {"method": "bottleneck", "variant": variant, "bottleneck_size": 8, "scaling": 0.5})
     adapter = model.get_adapter("b")
+    assert adapter.config["placement_version"] == 2
     randomize(adapter, std=0.3)
     # the attention output changes exactly when an adapter sits there (Houlsby only)
     attn_x0, attn_y0 = _io(model, attn, x)
@@ -77,16 +106,59 @@ def test_placement(kind, variant):
         assert (attn_y1 - (attn_y0 + 0.5 * layer.f(attn_y0))).abs().max().item() <= TOL
     else:
         assert layer is None and torch.equal(attn_y1, attn_y0)
-    # the FFN output: serial adapters read the FFN output, parallel ones the FFN input
     ffn_layer = adapter.delta_at(ffn)
-    feed_in, _ = _io(model, ffn_in, x)
+    stream, _ = _io(model, stream_mod, x)
+    own, _ = _io(model, ffn_in, x)
     xin, ffn_y1 = _io(model, ffn, x)
     model.deactivate()
     with torch.no_grad():
         y0 = model.base.get_submodule(ffn)(xin)
-        want = y0 + 0.5 * (ffn_layer.f(feed_in) if variant == "parallel" else ffn_layer.f(y0))
+    ln = model.base.get_submodule(ln_path) if ln_path else None
+    want = _expected_ffn(kind, variant, ffn_layer, 0.5, y0, stream, ln, own)
     assert (ffn_y1 - want).abs().max().item() <= TOL
     assert (ffn_y1 - y0).abs().max().item() > 1e-3
+    if variant != "houlsby":  # the read point matters: the other reading is far off
+        other = _expected_ffn(kind, variant, ffn_layer, 0.5, y0, stream, ln, own, legacy=True)
+        if kind != "bert" or variant == "pfeiffer":
+            assert (ffn_y1 - other).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+@pytest.mark.parametrize("variant", ["pfeiffer", "parallel"])
+def test_placement_version_1_artifacts_keep_their_math(kind, variant, tmp_path):
+    """An artifact without `placement_version` (published before AdapterHub's placements)
+    computes what it computed when trained: pfeiffer reads h, parallel the FFN's own input."""
+    _, ffn, stream_mod, ln_path, ffn_in = POINTS[kind]
+    model = AdaptedModel(load_base(tiny(kind), device="cpu"))
+    model.add_adapter("b", {"method": "bottleneck", "variant": variant, "bottleneck_size": 8})
+    randomize(model.get_adapter("b"), std=0.3)
+    model.save_adapter("b", tmp_path / "new")
+    from deltahub import artifact as af
+
+    config = {
+        k: v
+        for k, v in model.adapter_config("b").items()
+        if k not in ("placement_version", "original_ln_before")
+    }
+    af.write_dir(tmp_path / "old", model.adapter_state_dict("b"), config)
+    model.load_path(tmp_path / "old", "old")
+    assert model.adapter_config("old")["placement_version"] == 1
+    x = ids()
+    model.activate("old")
+    stream, _ = _io(model, stream_mod, x)
+    own, _ = _io(model, ffn_in, x)
+    xin, got = _io(model, ffn, x)
+    model.deactivate()
+    with torch.no_grad():
+        y0 = model.base.get_submodule(ffn)(xin)
+    ln = model.base.get_submodule(ln_path) if ln_path else None
+    layer = model.get_adapter("old").delta_at(ffn)
+    want = _expected_ffn(kind, variant, layer, 1.0, y0, stream, ln, own, legacy=True)
+    assert (got - want).abs().max().item() <= TOL
+    # re-saved, it stays version 1; and the registry accepts it
+    model.save_adapter("old", tmp_path / "resaved")
+    assert af.load_dir(tmp_path / "resaved").config["placement_version"] == 1
+    Registry().publish(tmp_path / "old", "old")
 
 
 def test_stack_of_serial_adapters_is_sequential():
@@ -97,13 +169,14 @@ def test_stack_of_serial_adapters_is_sequential():
     ffn = "model.layers.0.mlp"
     x = ids()
     model.activate(Stack("a", "b"))
+    stream, _ = _io(model, "model.layers.0.post_attention_layernorm", x)
     xin, got = _io(model, ffn, x)
     model.deactivate()
     fa, fb = model.get_adapter("a").delta_at(ffn), model.get_adapter("b").delta_at(ffn)
     with torch.no_grad():
         y0 = model.base.get_submodule(ffn)(xin)
-        y1 = y0 + fa.f(y0)
-        want = y1 + fb.f(y1)
+        y1 = y0 + fa.f(stream + y0)  # each reads the stream after the residual add so far
+        want = y1 + fb.f(stream + y1)
     assert (got - want).abs().max().item() <= TOL
 
 

@@ -48,7 +48,16 @@ def _two_loras_and_pfeiffer(model: AdaptedModel) -> None:
         model.add_adapter(name, {"method": "lora", "r": 2 + 2 * i, "lora_alpha": 8, "target_modules": [LAST]})
         _randomize(model.get_adapter(name), seed=i)
     model.add_adapter(
-        "c", {"method": "bottleneck", "variant": "pfeiffer", "bottleneck_size": 4, "target_layers": [1]}
+        "c",
+        # reading the FFN output h, as the hand computations below do (AdapterHub's default
+        # placement, LN(x + h), is checked against AdapterHub itself in test_adapterhub.py)
+        {
+            "method": "bottleneck",
+            "variant": "pfeiffer",
+            "original_ln_before": False,
+            "bottleneck_size": 4,
+            "target_layers": [1],
+        },
     )
     _randomize(model.get_adapter("c"), seed=7, std=0.2)
 
@@ -97,6 +106,7 @@ def test_fuse_in_model_matches_independent_computation(bert_path: Path, mixed: b
             cfg = {
                 "method": "bottleneck",
                 "variant": "pfeiffer",
+                "original_ln_before": False,  # reads h (see _two_loras_and_pfeiffer)
                 "bottleneck_size": 3 + i,
                 "target_layers": [1],
             }

@@ -2,25 +2,30 @@
 
 Pfeiffer, Kamath, Rücklé, Cho, Gurevych, 2021, "AdapterFusion: Non-Destructive Task
 Composition for Transfer Learning" (EACL). At every fused module ("site") of the base,
-with h the module's output (the hidden state that the serial adapters read, shape
-(B, T, d)) and z_n the change adapter n alone makes there:
+with h the query (shape (B, T, d)) and z_n the change adapter n alone makes there:
 
     q   = Q h + b_Q                                   query,  Q: (d, d)
     k_n = K z_n                                       keys,   K: (d, d)
     s   = softmax_n( q . k_n / T )                    attention over the N adapters
     out = sum_n s_n V z_n                             values, V: (d, d), V = I at init
 
-and the module outputs h + out. V starts at the identity (plus ~1e-6 noise) and an L2
+and the module outputs y + out (y its output without the fused adapters). The query h
+is what the fused adapters read when they all read the same thing (bottleneck adapters
+of one placement: the FFN output for Houlsby, LN(x + y) for Pfeiffer, the stream x for
+parallel ones), exactly as AdapterHub's `adapters` 1.3 (whose query is the last adapter's
+input, `query_before_ln=False`), and the module's output y otherwise (LoRA deltas, mixed
+methods). V starts at the identity (plus ~1e-6 noise) and an L2
 penalty `lambda * sum ||V - I||^2` (`Fusion.regularization`) keeps it near it, so at
 init fusion is a softmax-weighted average of the adapters. A key bias would add q.b_K,
 the same for every n, which the softmax cancels, so K has none; a value bias would be a
 free shift of the module output, so V has none either. Per site that is 3 d^2 + d
-parameters (AdapterHub's `adapters` library: 3 d^2 + 3 d).
+parameters (AdapterHub's `adapters` library: 3 d^2 + 2 d, with a key bias that the softmax
+cancels; an imported fusion drops it, an exported one writes zeros).
 
 What z_n is:
 
 - bottleneck adapter: z_n = s_n (W_up act(W_down h_n + b_down) + b_up), its output
-  (h_n = h for serial adapters, the feed-forward input for parallel ones);
+  without the residual (h_n its input: see `deltahub.methods.bottleneck.runtime`);
 - LoRA: z_n = s_n B_n A_n x, its delta output at the target module (x the module's
   input). Here the query is the base module's output.
 
@@ -80,8 +85,12 @@ class Part:
     a: Callable[[Tensor, Tensor, Tensor, Any], Tensor]
     affine: Callable[[], tuple[Tensor | None, Tensor | None]]
     sources: tuple[Tensor, ...] = ()
-    down: nn.Linear | None = None  # a serial bottleneck's W_down: a = act(down(y_cur))
+    down: nn.Linear | None = None  # a bottleneck's W_down: a = act(down(z)), z its input
     act: Any = None
+    # A bottleneck's input z (x, y_cur, rows) -> (..., d), and what identifies where z comes
+    # from: when every fused adapter reads the same z, z is also the query (AdapterHub's).
+    query: Callable[[Tensor, Tensor, Any], Tensor] | None = None
+    reads: Any = None
 
 
 def _lora_part(layer: Any) -> Part:
@@ -93,25 +102,17 @@ def _lora_part(layer: Any) -> Part:
 
 def _bottleneck_part(layer: Any) -> Part:
     def a(x: Tensor, y_base: Tensor, y_cur: Tensor, rows: Any) -> Tensor:
-        h = y_cur
-        if layer.parallel:
-            h = x
-            if layer.input_module is not None:
-                h = layer._captured
-                if h is None:
-                    raise RuntimeError("parallel adapter ran before its FFN input was captured")
-                if rows is not None:
-                    h = h[rows] if isinstance(rows, slice) else h.index_select(0, rows)
-        return layer.act(layer.adapter_down(h))  # (..., b)
+        return layer.act(layer.adapter_down(layer.adapter_input(x, y_cur, rows)))  # (..., b)
 
     up = layer.adapter_up
-    serial = not layer.parallel
     return Part(
         a,
         lambda: (up.weight * layer.scaling, up.bias * layer.scaling),
         (up.weight, up.bias, layer.adapter_down.weight, layer.adapter_down.bias),
-        layer.adapter_down if serial else None,
-        layer.act if serial else None,
+        layer.adapter_down,
+        layer.act,
+        query=lambda x, y_cur, rows: layer.adapter_input(x, y_cur, rows),
+        reads=(layer.reads, id(layer.stream_module), id(layer.ln)),
     )
 
 
@@ -251,12 +252,16 @@ class FusionLayer(SiteDelta):
     def bind(self, parts: list[Part], names: list[str] | None = None) -> DeltaFn:
         """The site's delta function fusing `parts` (the children present here, `names`)."""
         key_tensors = [t for p in parts for t in p.sources]
-        fast = all(p.down is not None and p.act is parts[0].act for p in parts)
+        # Bottlenecks that all read the same z: z is the query and one stacked matmul gives
+        # every a_n. Otherwise (LoRA, mixed inputs) the query is the module's output.
+        shared = all(p.query is not None and p.reads == parts[0].reads for p in parts)
+        fast = shared and all(p.down is not None and p.act is parts[0].act for p in parts)
 
         def delta(x: Tensor, y_base: Tensor, y_cur: Tensor, scale: float, rows: Any) -> Tensor:
+            h = parts[0].query(x, y_cur, rows) if shared else y_cur  # type: ignore[misc]
             a = None if fast else [p.a(x, y_base, y_cur, rows) for p in parts]
             key = tuple((id(t), t._version) for t in [*key_tensors, *self.parameters()])
-            out, s = self.folded(y_cur, parts, a, key)
+            out, s = self.folded(h, parts, a, key)
             if self.record:
                 self.last_attention, self.last_names = s.detach(), names
             return out * scale if scale != 1.0 else out

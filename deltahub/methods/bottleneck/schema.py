@@ -117,7 +117,9 @@ class BottleneckConfig:
         if self.base_model_type is not None and not isinstance(self.base_model_type, str):
             raise bad("base_model_type must be a string or null")
         if not is_int(self.placement_version) or self.placement_version not in PLACEMENT_VERSIONS:
-            raise bad(f"placement_version must be one of {PLACEMENT_VERSIONS}, got {self.placement_version!r}")
+            raise bad(
+                f"placement_version must be one of {PLACEMENT_VERSIONS}, got {self.placement_version!r}"
+            )
         if self.original_ln_before is not None and not isinstance(self.original_ln_before, bool):
             raise bad(f"original_ln_before must be true, false or null, got {self.original_ln_before!r}")
         if self.variant == "parallel" and self.original_ln_before:
