@@ -35,6 +35,7 @@ from deltahub.fileformat import (
     check_tensor_name,
     read_json_file,
     read_safetensors_header,
+    short,
 )
 from deltahub.manifest import Manifest, Parent, utc_now
 from deltahub.methods.registry import ConfigCheck, get_schema, register_method
@@ -111,7 +112,17 @@ def register_config_checker(method: str, checker: ConfigCheck) -> None:
 def validate(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> str:
     """Check a config against its method's schema and the tensor shapes; return the method."""
     method = method_of(config)
-    get_schema(method)(config, tensors)
+    check = get_schema(method)
+    try:
+        check(config, tensors)
+    except InvalidArtifact:
+        raise
+    except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError, RecursionError) as e:
+        # A schema that did not foresee a value (a third-party one, say) still answers with
+        # the rule, never a traceback: the config is what is malformed.
+        raise InvalidArtifact(
+            "config-schema", f"{method} config is malformed ({type(e).__name__}: {short(str(e), 200)})"
+        ) from None
     return method
 
 

@@ -50,6 +50,12 @@ DTYPE_BYTES = {
 }
 
 # Tensor names: dotted identifiers (PEFT's keys), never a path.
+# Bounds that keep every reader (torch included) inside its integer types.
+MAX_NDIM = 8
+MAX_DIM = 1 << 40
+MAX_INT_DIGITS = 30
+MAX_JSON_DEPTH = 64
+
 TENSOR_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 
@@ -71,13 +77,76 @@ class TensorInfo:
         return self.offsets[1] - self.offsets[0]
 
 
+def short(value: Any, limit: int = 80) -> str:
+    """`repr(value)`, cut to `limit` characters for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     for key, value in pairs:
         if key in seen:
-            raise InvalidArtifact("duplicate-key", f"key {key!r} appears more than once")
+            raise InvalidArtifact("duplicate-key", f"key {short(key)} appears more than once")
         seen[key] = value
     return seen
+
+
+class _NotStrict(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotStrict(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotStrict(f"{short(text)} is out of a float's range")
+    return value
+
+
+def _small_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _NotStrict(f"an integer of {len(text)} digits (limit {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def depth(value: Any) -> int:
+    """Levels of nesting, counted without recursion."""
+    levels, level = 0, [value]
+    while level:
+        levels += 1
+        level = [
+            c
+            for v in level
+            for c in (v.values() if isinstance(v, dict) else v if isinstance(v, list) else ())
+        ]
+    return levels
+
+
+def loads_strict(raw: bytes, what: str, rule: str) -> Any:
+    """Parse JSON strictly: UTF-8, no duplicate keys, no NaN or Infinity (not JSON; they
+    break every reader downstream), integers of at most `MAX_INT_DIGITS` digits, at most
+    `MAX_JSON_DEPTH` levels. Anything else is `InvalidArtifact(rule)` naming `what`."""
+    try:
+        value = json.loads(
+            raw.decode("utf-8"),
+            object_pairs_hook=_reject_duplicates,
+            parse_constant=_no_constant,
+            parse_float=_finite_float,
+            parse_int=_small_int,
+        )
+    except InvalidArtifact:
+        raise
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise InvalidArtifact(rule, f"{what} is not valid JSON: {short(str(e), 200)}") from None
+    except RecursionError:
+        raise InvalidArtifact(rule, f"{what} nests deeper than JSON readers allow") from None
+    if depth(value) > MAX_JSON_DEPTH:
+        raise InvalidArtifact(rule, f"{what} nests more than {MAX_JSON_DEPTH} levels")
+    return value
 
 
 def check_tensor_name(name: str) -> None:
@@ -137,12 +206,7 @@ def read_safetensors_header(path: Path | str) -> dict[str, TensorInfo]:
                 "truncated", f"{path.name} declares a {n}-byte header but the file is {size} bytes"
             )
         raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except InvalidArtifact:
-        raise
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidArtifact("header-json", f"{path.name} header is not JSON: {e}") from None
+    header = loads_strict(raw, f"{path.name} header", "header-json")
     if not isinstance(header, dict):
         raise InvalidArtifact("header-json", f"{path.name} header is not a JSON object")
     metadata = header.pop("__metadata__", None)
@@ -160,20 +224,25 @@ def read_safetensors_header(path: Path | str) -> dict[str, TensorInfo]:
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise InvalidArtifact("header-entry", f"tensor {name!r} needs exactly dtype, shape, data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPE_BYTES:
-            raise InvalidArtifact("dtype", f"tensor {name!r} has unknown dtype {dtype!r}")
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+            raise InvalidArtifact("dtype", f"tensor {name!r} has unknown dtype {short(dtype)}")
         if not (
             isinstance(shape, list)
-            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+            and len(shape) <= MAX_NDIM
+            and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape)
         ):
-            raise InvalidArtifact("shape", f"tensor {name!r} has invalid shape {shape!r}")
+            raise InvalidArtifact(
+                "shape",
+                f"tensor {name!r} has invalid shape {short(shape)} "
+                f"(at most {MAX_NDIM} dimensions of at most {MAX_DIM})",
+            )
         if not (
             isinstance(offsets, list)
             and len(offsets) == 2
             and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
             and offsets[0] <= offsets[1]
         ):
-            raise InvalidArtifact("offsets", f"tensor {name!r} has invalid data_offsets {offsets!r}")
+            raise InvalidArtifact("offsets", f"tensor {name!r} has invalid data_offsets {short(offsets)}")
         info = TensorInfo(name, dtype, tuple(shape), (offsets[0], offsets[1]))
         if info.nbytes != info.numel * DTYPE_BYTES[dtype]:
             raise InvalidArtifact(
@@ -200,12 +269,7 @@ def read_json_file(path: Path, limit: int, rule: str) -> dict[str, Any]:
     size = path.stat().st_size
     if size > limit:
         raise InvalidArtifact(rule, f"{path.name} is {size} bytes (limit {limit})")
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except InvalidArtifact:
-        raise
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidArtifact(rule, f"{path.name} is not valid JSON: {e}") from None
+    data = loads_strict(path.read_bytes(), path.name, rule)
     if not isinstance(data, dict):
         raise InvalidArtifact(rule, f"{path.name} must hold a JSON object")
     return data

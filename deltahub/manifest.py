@@ -7,6 +7,7 @@ A `Manifest` is a typed dataclass validated on construction; `Parent` pins one a
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -14,6 +15,7 @@ from typing import Any
 
 from deltahub import __version__
 from deltahub.errors import InvalidArtifact
+from deltahub.fileformat import MAX_JSON_DEPTH, depth, short
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,14 @@ class Parent:
 
     def __post_init__(self) -> None:
         if not isinstance(self.digest, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", self.digest):
-            raise InvalidArtifact("manifest-schema", f"parent digest {self.digest!r} is not sha256:<64 hex>")
+            raise InvalidArtifact(
+                "manifest-schema", f"parent digest {short(self.digest)} is not sha256:<64 hex>"
+            )
+        for key in ("ref", "role"):
+            if not isinstance(getattr(self, key), str):
+                raise InvalidArtifact(
+                    "manifest-schema", f"parent {key} must be a string, got {short(getattr(self, key))}"
+                )
 
 
 def utc_now() -> str:
@@ -57,22 +66,36 @@ class Manifest:
             return InvalidArtifact("manifest-schema", msg)
 
         if not isinstance(self.name, str) or not self.name:
-            raise bad(f"name must be a non-empty string, got {self.name!r}")
+            raise bad(f"name must be a non-empty string, got {short(self.name)}")
         if not isinstance(self.method, str) or not self.method:
-            raise bad(f"method must be a non-empty string, got {self.method!r}")
+            raise bad(f"method must be a non-empty string, got {short(self.method)}")
         for key in ("version", "base_model", "base_fingerprint", "task", "license"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, str):
-                raise bad(f"{key} must be a string or null, got {value!r}")
-        if not isinstance(self.description, str):
-            raise bad("description must be a string")
+                raise bad(f"{key} must be a string or null, got {short(value)}")
+        for key in ("description", "created", "tool_version"):
+            if not isinstance(getattr(self, key), str):
+                raise bad(f"{key} must be a string, got {short(getattr(self, key))}")
+        if not isinstance(self.format, int) or isinstance(self.format, bool):
+            raise bad(f"format must be an integer, got {short(self.format)}")
         if not isinstance(self.metrics, dict) or not all(
             isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
             for k, v in self.metrics.items()
         ):
-            raise bad(f"metrics must map names to numbers, got {self.metrics!r}")
+            raise bad(f"metrics must map names to numbers, got {short(self.metrics)}")
+        for k, v in self.metrics.items():
+            if not math.isfinite(v):  # NaN is not JSON: every reader of the manifest would fail
+                raise bad(f"metric {short(k)} is {v}; metrics must be finite numbers")
         if not isinstance(self.extra, dict):
             raise bad("extra must be an object")
+        if not isinstance(self.parents, list):
+            raise bad(f"parents must be a list, got {short(self.parents)}")
+        try:  # extra holds anything JSON can: finite numbers, bounded nesting
+            json.dumps(self.extra, allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise bad(f"extra must hold plain JSON with finite numbers ({short(str(e), 200)})") from None
+        if depth(self.extra) > MAX_JSON_DEPTH:
+            raise bad(f"extra nests more than {MAX_JSON_DEPTH} levels")
         self.parents = [p if isinstance(p, Parent) else Parent(**p) for p in self.parents]
 
     def to_dict(self) -> dict[str, Any]:

@@ -261,6 +261,59 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
         manifest({"name": "x", "method": "lora", "parents": [{"ref": "a", "digest": "md5:00"}]}),
         "manifest-schema",
     ),
+    # The validator is total: inputs that used to escape as untyped exceptions (issue 14).
+    "config-nested-100000": (
+        config('{"peft_type": "LORA", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+        "config-json",
+    ),
+    "config-nested-100": (config(LORA_CONFIG | {"x": json.loads("[" * 100 + "]" * 100)}), "config-json"),
+    "config-int-5000-digits": (
+        config(json.dumps(LORA_CONFIG)[:-1] + ', "x": 1' + "0" * 5000 + "}"),
+        "config-json",
+    ),
+    "config-nan": (config(json.dumps(LORA_CONFIG | {"lora_alpha": float("nan")})), "config-json"),
+    "config-infinity": (config(json.dumps(LORA_CONFIG)[:-1] + ', "lora_alpha": 1e999}'), "config-json"),
+    "config-invalid-regex": (config(LORA_CONFIG | {"rank_pattern": {"(q_proj": 4}}), "config-pattern"),
+    "config-alpha-pattern-string": (
+        config(LORA_CONFIG | {"alpha_pattern": {"q_proj": "16"}}),
+        "config-schema",
+    ),
+    "config-prompt-submodules-object": (
+        config({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4, "num_transformer_submodules": {}}),
+        "config-schema",
+    ),
+    "header-zero-size-2^70-dim": (
+        weights(
+            raw_safetensors(
+                {f"{PREFIX}.lora_A.weight": {"dtype": "F32", "shape": [0, 2**70], "data_offsets": [0, 0]}}
+            )
+        ),
+        "shape",
+    ),
+    "header-nested": (
+        weights(raw_safetensors(b'{"a": ' + b"[" * 50_000 + b"]" * 50_000 + b"}")),
+        "header-json",
+    ),
+    "header-dtype-list": (
+        weights(
+            raw_safetensors({f"{PREFIX}.lora_A.weight": entry([4, 16], 0) | {"dtype": ["F32"]}}, bytes(256))
+        ),
+        "dtype",
+    ),
+    "header-int-5000-digits": (weights(raw_safetensors(b'{"a": 1' + b"0" * 5000 + b"}")), "header-json"),
+    "manifest-nested": (
+        manifest('{"name": "x", "method": "lora", "extra": ' + "[" * 50_000 + "]" * 50_000 + "}"),
+        "manifest-json",
+    ),
+    "manifest-nan-metric": (
+        manifest('{"name": "x", "method": "lora", "metrics": {"acc": NaN}}'),
+        "manifest-json",
+    ),
+    "manifest-parent-ref-int": (
+        manifest({"name": "x", "method": "lora", "parents": [{"ref": 1, "digest": "sha256:" + "0" * 64}]}),
+        "manifest-schema",
+    ),
+    "manifest-created-list": (manifest({"name": "x", "method": "lora", "created": []}), "manifest-schema"),
 }
 
 
@@ -320,3 +373,115 @@ def test_artifact_digest_is_order_independent_and_content_bound() -> None:
     b = dict(reversed(list(a.items())))
     assert af.artifact_digest(a) == af.artifact_digest(b)
     assert af.artifact_digest(a) != af.artifact_digest({**a, "y": "sha256:" + "2" * 64})
+
+
+def test_manifest_refuses_non_finite_numbers() -> None:
+    for bad in (
+        {"metrics": {"acc": float("nan")}},
+        {"metrics": {"acc": float("inf")}},
+        {"extra": {"loss": [1.0, float("nan")]}},
+        {"extra": {"x": object()}},
+    ):
+        with pytest.raises(InvalidArtifact) as err:
+            af.Manifest(name="x", method="lora", **bad)
+        assert err.value.rule == "manifest-schema"
+
+
+NASTY = [
+    "null",
+    "true",
+    "-1",
+    "0",
+    "1.5",
+    "1e300",
+    '"x"',
+    '""',
+    "[]",
+    "{}",
+    "[1]",
+    "[[1]]",
+    '{"a": 1}',
+    '{"(a": 1}',
+    '{"q_proj": "x"}',
+    '{"q_proj": [1]}',
+    '["(a"]',
+    '"(.|.)*Z"',
+    "123456789012345678901234567890",
+]
+
+
+def method_examples() -> dict[str, tuple[dict, dict[str, torch.Tensor]]]:
+    """A valid artifact of every built-in method (config, tensors)."""
+    z = torch.zeros
+    fusion_site = {
+        "s.fusion_query.weight": z(8, 8),
+        "s.fusion_query.bias": z(8),
+        "s.fusion_key.weight": z(8, 8),
+        "s.fusion_value.weight": z(8, 8),
+    }
+    return {
+        "lora": (
+            LORA_CONFIG
+            | {"rank_pattern": {"q_proj": 4}, "alpha_pattern": {"q_proj": 8}, "use_rslora": False},
+            good_tensors(),
+        ),
+        "bottleneck": (
+            {
+                "method": "bottleneck",
+                "variant": "pfeiffer",
+                "hidden_size": 8,
+                "reduction_factor": 4,
+                "scaling": 1.0,
+            },
+            {
+                "s.adapter_down.weight": z(2, 8),
+                "s.adapter_down.bias": z(2),
+                "s.adapter_up.weight": z(8, 2),
+                "s.adapter_up.bias": z(8),
+            },
+        ),
+        "ia3": (
+            {"peft_type": "IA3", "target_modules": ["k"], "feedforward_modules": "k"},
+            {"m.k.ia3_l": torch.ones(1, 8)},
+        ),
+        "bitfit": ({"method": "bitfit", "target_modules": ["k"]}, {"m.k.bitfit_bias": torch.ones(8)}),
+        "ssf": (
+            {"method": "ssf", "target_modules": ["k"], "include_norms": True},
+            {"m.k.ssf_scale": torch.ones(8)},
+        ),
+        "prompt": (
+            {
+                "peft_type": "PROMPT_TUNING",
+                "num_virtual_tokens": 4,
+                "token_dim": 8,
+                "num_transformer_submodules": 1,
+            },
+            {"prompt_embeddings": z(4, 8)},
+        ),
+        "prefix": (
+            {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4, "token_dim": 8, "num_layers": 2},
+            {"prompt_embeddings": z(4, 32)},
+        ),
+        "fusion": ({"method": "fusion", "adapters": ["a", "b"], "temperature": 1.0}, fusion_site),
+    }
+
+
+@pytest.mark.parametrize("method", sorted(method_examples()))
+def test_every_malformed_config_value_is_an_invalid_artifact(method: str, tmp_path: Path) -> None:
+    """Each field of a valid config replaced by each value of the wrong kind: the artifact is
+    accepted or refused with a named rule, never an untyped exception (a CLI traceback, a
+    hub 500)."""
+    cfg, tensors = method_examples()[method]
+    d = af.write_dir(tmp_path / method, tensors, cfg)
+    af.load_dir(d)  # the example itself is valid
+    refused = 0
+    for field in [*cfg, "unknown_field"]:
+        for value in NASTY:
+            rest = json.dumps({k: v for k, v in cfg.items() if k != field})
+            (d / af.CONFIG_FILE).write_text(f"{rest[:-1]}, {json.dumps(field)}: {value}}}")
+            try:
+                af.load_dir(d)
+            except InvalidArtifact as e:
+                assert e.rule and len(str(e)) < 1000
+                refused += 1
+    assert refused > len(NASTY)  # the sweep did reach the schema

@@ -20,7 +20,7 @@ def scratch_registry(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_builtin_methods_are_all_registered() -> None:
-    assert schema_methods() == [
+    assert set(schema_methods()) >= {
         "bitfit",
         "bottleneck",
         "fusion",
@@ -29,7 +29,7 @@ def test_builtin_methods_are_all_registered() -> None:
         "prefix_tuning",
         "prompt_tuning",
         "ssf",
-    ]
+    }
     # training names have a runtime and no schema of their own
     assert {"prompt", "prefix", "ptuning-v2"} <= set(known_methods()) - set(schema_methods())
     assert get_method("ptuning-v2").__name__ == "PTuningV2"
@@ -102,3 +102,13 @@ def test_old_helpers_keep_working(monkeypatch: pytest.MonkeyPatch, scratch_regis
     assert af.TASK_HEAD_PREFIX == importlib.import_module("deltahub.method_schemas").HEAD_PREFIX
     with pytest.warns(DeprecationWarning):
         assert af.check_lora_config is importlib.import_module("deltahub.methods.lora.schema").check_config
+
+
+def test_a_schema_that_trips_on_a_value_still_answers_with_a_rule(scratch_registry: None) -> None:
+    def careless(config: dict, tensors: dict) -> None:
+        config["size"] * 2 + 1  # a str size raises TypeError
+
+    register_method("careless", schema=careless)
+    with pytest.raises(InvalidArtifact) as e:
+        af.validate({"method": "careless", "size": "big"}, {})
+    assert e.value.rule == "config-schema" and "TypeError" in str(e.value)

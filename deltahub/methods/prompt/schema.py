@@ -12,13 +12,17 @@ from typing import Any
 
 from deltahub.errors import InvalidArtifact
 from deltahub.fileformat import TASK_HEAD_PREFIX, TensorInfo
-from deltahub.methods.checks import bad, is_int
+from deltahub.methods.checks import bad, is_int, short
 
 
 def _check_virtual_tokens(config: dict[str, Any], tensors: dict[str, TensorInfo], prefix: bool) -> None:
     k = config.get("num_virtual_tokens")
     if not is_int(k) or k <= 0:
-        raise bad(f"num_virtual_tokens must be a positive integer, got {k!r}")
+        raise bad(f"num_virtual_tokens must be a positive integer, got {short(k)}")
+    for key in ("num_transformer_submodules", "token_dim", "num_layers"):
+        value = config.get(key)
+        if value is not None and not (is_int(value) and value > 0):
+            raise bad(f"{key} must be a positive integer or null, got {short(value)}")
     names = [n for n in tensors if not n.startswith(TASK_HEAD_PREFIX)]
     if names != ["prompt_embeddings"]:
         raise InvalidArtifact("config-shape", f"expected exactly one tensor 'prompt_embeddings', got {names}")
