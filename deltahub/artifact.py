@@ -179,7 +179,7 @@ def load_files(files: dict[str, Path]) -> Artifact:
 
 
 def load_dir(path: Path | str) -> Artifact:
-    """Validate an artifact directory (ours or PEFT's) and return it.
+    """Validate an artifact directory (ours, PEFT's, or AdapterHub's, converted) and return it.
 
     Pickle files anywhere in the directory are refused; other unknown files (a PEFT
     directory's tokenizer files, say) are ignored and not published.
@@ -187,6 +187,10 @@ def load_dir(path: Path | str) -> Artifact:
     path = Path(path)
     if not path.is_dir():
         raise InvalidArtifact("not-a-directory", f"{path} is not a directory")
+    from deltahub.interop import adapterhub  # AdapterHub saves are converted, exactly or refused
+
+    if adapterhub.is_adapterhub_dir(path):
+        return adapterhub.load(path)
     files: dict[str, Path] = {}
     for entry in sorted(path.iterdir()):
         if entry.suffix.lower() in PICKLE_SUFFIXES:
