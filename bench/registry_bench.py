@@ -371,7 +371,7 @@ def main() -> None:
         f"{len(one['verify'].problems):,} problems reported, as expected)",
         f"- `gc --grace 0` over {args.gc_blobs:,} unreferenced blobs: {gc['gc_s']:.1f} s wall, "
         f"{gc['removed']:,} removed; a publisher beside it completed {gc['publishes']} publishes, "
-        f"longest {gc['max_wait_ms']:.0f} ms (the walk holds no lock; deletes go in transactions of 1,000)",
+        f"longest {gc['max_wait_ms']:.0f} ms (the walk holds no lock; deletes go in transactions of 200 blobs)",
         "",
         f"**Read paths at {max(s['rows'] for s in shapes.values()):,} versions** "
         "(rows inserted in bulk into the registry's own schema):",

@@ -18,7 +18,9 @@ from deltahub.registry.store import sha256_file, storage_error
 from deltahub.registry.version import GcReport, VerifyReport
 from deltahub.settings import DEFAULT_GC_GRACE_SECONDS
 
-CHUNK = 1000  # versions per read when verifying; blobs per delete transaction in gc
+CHUNK = 1000  # versions per read when verifying
+GC_HOLD_S = 0.05  # gc holds the write lock this long at most per transaction (unlinks can be slow)
+GC_PAUSE_S = 0.02  # between transactions, so a waiting publisher's busy handler finds the lock free
 
 
 class Upkeep(Queries):
@@ -101,9 +103,15 @@ class Upkeep(Queries):
         candidates = [d for d in self.store.digests() if d not in referenced]
         removed: list[str] = []
         freed = 0
-        for i in range(0, len(candidates), CHUNK):
+        i = 0
+        while i < len(candidates):
+            if i:
+                time.sleep(GC_PAUSE_S)
             with write_transaction(self.db):
-                for digest in candidates[i : i + CHUNK]:
+                until = time.monotonic() + GC_HOLD_S
+                while i < len(candidates) and time.monotonic() < until:
+                    digest = candidates[i]
+                    i += 1
                     if self.db.execute("select 1 from files where blob = ? limit 1", [digest]).fetchone():
                         continue
                     path = self.store.path(digest)

@@ -159,7 +159,12 @@ class Writes(Queries):
         check_name(manifest.name)
         check_version(manifest.version)
         digest = af.artifact_digest(files)
-        blobs = {f: (d, self.store.path(d).stat().st_size) for f, d in files.items()}
+        try:
+            blobs = {f: (d, self.store.path(d).stat().st_size) for f, d in files.items()}
+        except FileNotFoundError as e:  # gc reclaimed an upload that waited past its grace
+            raise NotFound(
+                f"a blob of this version left the store before its commit ({e.filename}): upload it again"
+            ) from None
         with write_transaction(self.db):
             row = self._row(manifest.name, manifest.version)
             if row is not None:
