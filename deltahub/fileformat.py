@@ -15,6 +15,7 @@ import json
 import math
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,8 +179,13 @@ def check_not_pickle(path: Path) -> None:
         raise InvalidArtifact("pickle-file", f"{path.name} holds pickle/zip bytes, not safetensors or JSON")
 
 
-def read_safetensors_header(path: Path | str) -> dict[str, TensorInfo]:
+def read_safetensors_header(
+    path: Path | str, check_name: Callable[[str], None] | None = None
+) -> dict[str, TensorInfo]:
     """Parse and validate a safetensors header without loading any tensor.
+
+    `check_name` replaces `check_tensor_name` for a foreign format whose names differ
+    (AdapterHub's fusion keys hold a comma); nothing else is relaxed.
 
     Rules: header length at most 1 MiB, at most 100,000 tensors, valid UTF-8 JSON, no
     duplicate keys, safe names, known dtypes, byte ranges that match the shapes and tile
@@ -220,7 +226,7 @@ def read_safetensors_header(path: Path | str) -> dict[str, TensorInfo]:
         )
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
-        check_tensor_name(name)
+        (check_name or check_tensor_name)(name)
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise InvalidArtifact("header-entry", f"tensor {name!r} needs exactly dtype, shape, data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]

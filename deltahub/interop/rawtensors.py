@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from deltahub.errors import InvalidArtifact
-from deltahub.fileformat import read_safetensors_header
+from deltahub.fileformat import check_tensor_name, read_safetensors_header
 
 _NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}
 
@@ -50,9 +50,14 @@ class Raw:
         return cls(dtype, tuple(int(n) for n in values.shape), data)
 
 
-def read(path: Path | str) -> dict[str, Raw]:
+def comma_name(name: str) -> None:
+    """A safe tensor name that may hold commas (AdapterHub names a fusion "a,b")."""
+    check_tensor_name(name.replace(",", "_"))
+
+
+def read(path: Path | str, commas: bool = False) -> dict[str, Raw]:
     """Every tensor of a safetensors file (the header checked first)."""
-    infos = read_safetensors_header(path)
+    infos = read_safetensors_header(path, comma_name if commas else None)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         f.seek(8 + n)

@@ -68,6 +68,15 @@ class Writes(Queries):
         description, license, base model) carry over from the adapter's latest version, as
         a package's metadata does from release to release. Metrics never carry over.
         """
+        if not isinstance(path, af.Artifact):
+            from deltahub.interop import adapterhub_fusion as ahf
+
+            if ahf.is_fusion_dir(path):  # an AdapterHub fusion: its constituents are published first
+                return ahf.publish_fusion(
+                    self, path, name, None, version=version, tags=tags, task=task, description=description,
+                    base_model=base_model, base_fingerprint=base_fingerprint, metrics=metrics,
+                    license=license, extra=extra,
+                )  # fmt: skip
         artifact = path if isinstance(path, af.Artifact) else af.load_dir(path)
         check_name(name)
         if version is not None:
