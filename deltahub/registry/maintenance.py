@@ -7,6 +7,7 @@ lock, the same lock a publisher holds while it makes sure its blobs are there.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -85,7 +86,7 @@ class Upkeep(Queries):
             problems.append(f"{v.ref}: recorded digest {v.digest} does not match its files")
         if all(hashed.get(d) == d for d in v.files.values()) and af.MANIFEST_FILE in v.files:
             try:
-                m = self.manifest(v)
+                m = af.Manifest.from_dict(json.loads(self.store.path(v.files[af.MANIFEST_FILE]).read_bytes()))
                 if (m.name, m.version) != (v.full_name, v.version):
                     problems.append(f"{v.ref}: manifest names {m.name}@{m.version}")
             except InvalidArtifact as e:
