@@ -118,3 +118,22 @@ def test_a_read_only_home_reads_and_refuses_writes_in_one_line(art: Path, tmp_pa
         assert "read-only" in result.stderr and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
     assert Registry(home).resolve("team/ro").version == "1"  # nothing changed
+
+
+# item 8 (the registry's part) --------------------------------------------------------------
+
+
+def test_a_search_of_only_quotes_and_a_home_that_cannot_be_made_are_one_line(
+    art: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Registry().publish(art, name="q", description="quoted")
+    assert Registry().search('"') == [] and Registry().search('" "') == []
+    assert [v.full_name for v in Registry().search('"quoted')] == ["q"]
+    result = CliRunner().invoke(cli, ["search", '"'])
+    assert result.exit_code == 0 and "nothing matches" in result.output
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("DELTAHUB_HOME", str(blocker / "home"))
+    result = CliRunner().invoke(cli, ["list"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "DELTAHUB_HOME" in result.output and len(result.output.strip().splitlines()) == 1

@@ -13,6 +13,7 @@ import contextlib
 import math
 from pathlib import Path
 
+from deltahub.errors import InvalidConfig
 from deltahub.registry.db import connect
 from deltahub.registry.maintenance import Upkeep
 from deltahub.registry.publish import Writes
@@ -33,7 +34,10 @@ class Registry(Writes, Upkeep):
         try:
             self.home.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise (storage_error(e, self.home) or e) from None
+            raise storage_error(e, self.home) or InvalidConfig(
+                f"cannot create the registry home {self.home} ({e.strerror}): "
+                "point DELTAHUB_HOME at a directory you can write"
+            ) from None
         self.store = BlobStore(self.home)
         self.db = connect(self.home / "registry.db")
         # Crash leftovers: temp files whose writing process is gone, whatever their age
