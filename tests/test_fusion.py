@@ -304,7 +304,7 @@ def test_missing_or_different_constituent_is_a_clear_error(bert_path: Path, publ
     from deltahub.fusion.artifact import load_constituents
 
     registry = published["registry"]
-    registry.remove("c@1")
+    registry.remove("c@1", force=True)  # rm refuses a pinned constituent unless forced
     model = AdaptedModel(load_base(bert_path, device="cpu"), registry=registry)
     with pytest.raises(NotFound, match=r"constituent c@1 \(sha256:"):
         model.load("fz")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,94 @@ def test_public_train_and_fuse_come_from_their_packages() -> None:
 
     assert deltahub.train is train_impl and deltahub.fuse is fuse_impl
     assert train is train_impl and fuse is fuse_impl
+
+
+@pytest.fixture
+def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to load the base or train fails the test: checks must come first."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("training started before the name, version and tags were checked")
+
+    monkeypatch.setattr("deltahub.training.adapter.load_model", refuse)
+    monkeypatch.setattr("deltahub.training.adapter.run", refuse)
+    monkeypatch.setattr("deltahub.fusion.learn.load_model", refuse)
+
+
+def test_a_taken_version_or_bad_tag_fails_before_training(
+    bert_path: Path, data: dict[str, Path], no_training: None, tmp_path: Path
+) -> None:
+    from deltahub import artifact as af
+    from deltahub.errors import AlreadyExists, InvalidRef
+
+    registry = Registry()
+    cfg = {"peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": ["query"]}
+    w = {
+        "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight": torch.zeros(1, 32),
+        "base_model.model.encoder.layer.0.attention.self.query.lora_B.weight": torch.zeros(32, 1),
+    }
+    registry.publish(af.write_dir(tmp_path / "a", w, cfg), "color", version="1")
+    with pytest.raises(AlreadyExists, match="color@1 already exists"):
+        train(str(bert_path), str(data["color"]), name="color", version="1", registry=registry, **FAST)
+    with pytest.raises(AlreadyExists, match="color@1 already exists"):
+        fuse(
+            ["color"],
+            str(bert_path),
+            str(data["color"]),
+            name="color",
+            version="1",
+            registry=registry,
+            **FAST,
+        )
+    with pytest.raises(InvalidRef, match="tag '1st'"):
+        train(str(bert_path), str(data["color"]), name="color", tags=["1st"], registry=registry, **FAST)
+    with pytest.raises(InvalidRef, match="not an adapter name"):
+        train(str(bert_path), str(data["color"]), name="-bad", publish=False, **FAST)
+
+    runner = CliRunner()
+    args = ["train", "--base", str(bert_path), "--data", str(data["color"]), "--name", "color", "--quiet"]
+    r = runner.invoke(cli, [*args, "--version", "1"])
+    assert r.exit_code == AlreadyExists.exit_code and "color@1 already exists" in r.output
+    r = runner.invoke(cli, [*args, "--tag", "1st"])
+    assert r.exit_code == InvalidRef.exit_code and "tag '1st'" in r.output
+    r = runner.invoke(cli, [*args, "--no-publish", "--version", "2"])
+    assert r.exit_code == 2 and "--no-publish" in r.output
+    full = Path(data["color"]).parent / "full"
+    full.mkdir(exist_ok=True)
+    (full / "x").write_text("x")
+    r = runner.invoke(cli, [*args, "--output-dir", str(full)])
+    assert r.exit_code == 2 and "not empty" in r.output
+    assert [v.version for v in registry.versions("color")] == ["1"]
+
+
+def test_cli_train_no_publish_and_output_dir(bert_path: Path, data: dict[str, Path], tmp_path: Path) -> None:
+    from deltahub import artifact as af
+
+    runner = CliRunner()
+    args = ["train", "--base", str(bert_path), "--data", str(data["color"]), "--name", "color", "--r", "4",
+            "--target-modules", "query,value", "--epochs", "1", "--batch-size", "16", "--json"]  # fmt: skip
+    r = runner.invoke(cli, [*args, "--no-publish", "--output-dir", str(tmp_path / "only")])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["ref"] is None and out["path"] == str(tmp_path / "only") and "train_loss" in out["metrics"]
+    written = af.load_dir(tmp_path / "only")
+    assert written.method == "lora" and written.manifest.name == "color"
+    assert not Registry().exists("color")  # nothing published
+
+    r = runner.invoke(cli, [*args, "--output-dir", str(tmp_path / "copy")])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["ref"] == "color@1" and out["path"] == str(tmp_path / "copy")
+    stored = Registry().open("color@1")
+    copy = tmp_path / "copy" / "adapter_model.safetensors"
+    with safe_open(str(stored.weights_path), framework="pt") as a, safe_open(str(copy), framework="pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        for k in a.keys():  # noqa: SIM118 (safe_open is not a dict)
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k))
+
+    r = runner.invoke(cli, [*args[:-1], "--no-publish", "--quiet"])  # text output, temporary directory
+    assert r.exit_code == 0, r.output
+    path = Path(r.stdout.split()[1])
+    assert r.stdout.startswith("wrote ") and (path / "adapter_model.safetensors").is_file()
+    shutil.rmtree(path)
+    assert [v.version for v in Registry().versions("color")] == ["1"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -57,12 +58,16 @@ def _common(fn: Any) -> Any:
 def _report(result: Any, as_json: bool) -> None:
     v = result.version
     if as_json:
-        print_json(
-            {"ref": v.ref if v else None, "digest": v.digest if v else None, "metrics": result.metrics}
-        )
+        out = {"ref": v.ref if v else None, "digest": v.digest if v else None, "metrics": result.metrics}
+        print_json({**out, "path": str(result.path)} if result.path is not None else out)
         return
     metrics = ", ".join(f"{k}={val:.4g}" for k, val in sorted(result.metrics.items()))
-    click.echo(f"published {v.ref} ({v.digest[:19]})  {metrics}")
+    if v is not None:
+        click.echo(f"published {v.ref} ({v.digest[:19]})  {metrics}")
+        if result.path is not None:
+            click.echo(f"wrote {result.path}")
+    else:
+        click.echo(f"wrote {result.path}  {metrics}")
     attention = (result.extra.get("fusion") or {}).get("attention")
     if attention:
         click.echo("mean attention: " + ", ".join(f"{k}={val:.3f}" for k, val in attention.items()))
@@ -92,23 +97,41 @@ def register(cli: click.Group) -> None:
         "--reduction-factor", type=float, default=16, show_default=True,
         help="Bottleneck width = hidden size / this (houlsby, pfeiffer, parallel).",
     )  # fmt: skip
+    @click.option(
+        "--output-dir", type=click.Path(file_okay=False),
+        help="Also write the artifact directory here (a new or empty directory).",
+    )  # fmt: skip
+    @click.option("--no-publish", is_flag=True, help="Do not publish: only write the artifact directory.")
     @_common
     @handle_errors
     def train_cmd(
-        method: str, r: int, alpha: float, target_modules: tuple[str, ...], reduction_factor: float, base: str,
-        data: str, eval_data: str | None, task: str, name: str, epochs: int, lr: float, batch_size: int,
-        seed: int, max_length: int, patience: int, version: str | None, tags: tuple[str, ...], description: str,
-        quiet: bool, as_json: bool, quantize: str | None, gradient_checkpointing: bool,
+        method: str, r: int, alpha: float, target_modules: tuple[str, ...], reduction_factor: float,
+        output_dir: str | None, no_publish: bool, base: str, data: str, eval_data: str | None, task: str,
+        name: str, epochs: int, lr: float, batch_size: int, seed: int, max_length: int, patience: int,
+        version: str | None, tags: tuple[str, ...], description: str, quiet: bool, as_json: bool,
+        quantize: str | None, gradient_checkpointing: bool,
     ) -> None:  # fmt: skip
-        """Train one adapter on a task and publish it (metrics, hyperparameters, data digest)."""
+        """Train one adapter on a task and publish it (metrics, hyperparameters, data digest).
+
+        With --no-publish the artifact is only written (to --output-dir, or a new temporary
+        directory, printed). The name, version and tags are checked before training starts.
+        """
         from deltahub.training import train
 
+        if no_publish and (version is not None or tags):
+            raise click.UsageError(
+                "--version and --tag name a published version; drop them with --no-publish"
+            )
+        if output_dir is not None and Path(output_dir).is_dir() and any(Path(output_dir).iterdir()):
+            raise click.BadParameter(
+                f"{output_dir} is not empty; give a new or empty directory", param_hint="--output-dir"
+            )
         result = train(
             base, data, name=name, method=method, task=task, eval_data=eval_data, r=r, alpha=alpha,
             target_modules=_split(target_modules), reduction_factor=reduction_factor, epochs=epochs, lr=lr,
             batch_size=batch_size, seed=seed, max_length=max_length, patience=patience, version=version,
             tags=tags, description=description, progress=not quiet and not as_json, quantize=quantize,
-            gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing=gradient_checkpointing, publish=not no_publish, output_dir=output_dir,
         )  # fmt: skip
         _report(result, as_json)
 

@@ -26,6 +26,7 @@ from deltahub.training.data import Collator, Dataset
 from deltahub.training.engine import (
     TaskModel,
     TrainResult,
+    check_publishable,
     data_extra,
     datasets,
     load_model,
@@ -80,6 +81,8 @@ def fuse(
         from deltahub.registry import Registry
 
         registry = Registry()
+    if publish:  # fail now, not after training, on what the publish would refuse
+        check_publishable(registry, name, version, tags)
     set_seed(seed)
     model, tokenizer, base_id = load_model(base, tokenizer, registry, quantize, gradient_checkpointing)
     train_ds, eval_ds = datasets(task, data, eval_data, tokenizer, max_length)

@@ -21,11 +21,13 @@ from deltahub.training.engine import (
     TaskModel,
     TrainResult,
     adapter_config,
+    check_publishable,
     data_extra,
     datasets,
     load_model,
     make_head,
     publish_artifact,
+    registry_or_default,
     run,
 )
 from deltahub.training.head import TaskHead
@@ -67,10 +69,16 @@ def train(
 
     `base` is a model directory or hub id (its tokenizer is loaded from there), or a
     built module with `tokenizer=`. `data` / `eval_data` are JSON Lines or CSV files (see
-    `deltahub.training.data`). With `publish=False` the artifact is written to `output_dir`.
+    `deltahub.training.data`). With `publish=False` the artifact is written to `output_dir`
+    (or a fresh temporary directory) only; with both it is written there and published.
+    The name, version and tags are checked before training (`AlreadyExists` for a version
+    that is taken).
     """
     from transformers import set_seed
 
+    if publish:
+        registry = registry_or_default(registry)
+    check_publishable(registry if publish else None, name, version, tags)  # before training, not after
     set_seed(seed)
     model, tokenizer, base_id = load_model(base, tokenizer, registry, quantize, gradient_checkpointing)
     train_ds, eval_ds = datasets(task, data, eval_data, tokenizer, max_length)

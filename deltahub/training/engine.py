@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltahub import artifact as af
-from deltahub.errors import InvalidConfig, Unsupported
+from deltahub.errors import AlreadyExists, InvalidConfig, NotFound, Unsupported
 from deltahub.training.data import TASKS, Collator, Dataset, LabelMap, load_dataset
 from deltahub.training.head import TaskHead, default_pooling
 
@@ -88,7 +88,8 @@ class TaskModel(nn.Module):
 @dataclass
 class TrainResult:
     """What `train` / `fuse` made: the published version (None with publish=False), the
-    final metrics, the artifact directory (only when not published) and the live model."""
+    final metrics, the artifact directory (when one was written: not published, or an
+    `output_dir` given) and the live model."""
 
     metrics: dict[str, float]
     model: TaskModel
@@ -337,6 +338,28 @@ def run(
     return metrics
 
 
+def check_publishable(registry: Any, name: str, version: str | None, tags: Sequence[str]) -> None:
+    """Refuse, before any training, what the publish at the end would refuse: a bad name,
+    version or tag, or (given the `registry` to publish to) a version that exists already."""
+    from deltahub.registry.refs import check_name, check_tag, check_version
+
+    check_name(name)
+    if version is not None:
+        check_version(str(version))
+    for tag in tags:
+        check_tag(tag)
+    if version is None or registry is None:
+        return
+    try:
+        registry.resolve(f"{name}@{version}")
+    except NotFound:
+        return
+    raise AlreadyExists(
+        f"{name}@{version} already exists; versions are immutable (train without a version for the "
+        "next number, or pick a new one)"
+    )
+
+
 def publish_artifact(
     tensors: dict[str, Tensor],
     config: dict[str, Any],
@@ -347,17 +370,25 @@ def publish_artifact(
     version: str | None,
     tags: Sequence[str],
 ) -> tuple[Any, Path | None]:
-    if not publish:
+    """Write the artifact to `output_dir` (a fresh temporary directory when not publishing
+    and none is given) and/or publish it; returns (version or None, directory or None)."""
+    if output_dir is not None or not publish:
         path = Path(output_dir or tempfile.mkdtemp(prefix="deltahub-adapter-"))
         af.write_dir(path, tensors, config, manifest)
-        return None, path
-    if registry is None:
-        from deltahub.registry import Registry
-
-        registry = Registry()
+        if not publish:
+            return None, path
+        return registry_or_default(registry).publish(path, manifest.name, version=version, tags=tags), path
     with tempfile.TemporaryDirectory(prefix="deltahub-publish-") as tmp:
         af.write_dir(tmp, tensors, config, manifest)
-        return registry.publish(tmp, manifest.name, version=version, tags=tags), None
+        return registry_or_default(registry).publish(tmp, manifest.name, version=version, tags=tags), None
+
+
+def registry_or_default(registry: Any) -> Any:
+    if registry is not None:
+        return registry
+    from deltahub.registry import Registry
+
+    return Registry()
 
 
 def data_extra(train_ds: Dataset, eval_ds: Dataset | None) -> dict[str, Any]:
