@@ -251,13 +251,35 @@ def tag(ref: str, tag: str, delete: bool) -> None:
     "--merged", is_flag=True, help="Write a full-precision model with the LoRA folded in (needs --base)."
 )
 @click.option("--base", help="With --merged: the base model directory or hub id (loaded in full precision).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["deltahub", "adapterhub"]),
+    default="deltahub",
+    show_default=True,
+    help="adapterhub: a directory AdapterHub's `adapters` loads with load_adapter(DIR, use_safetensors=True).",
+)
+@click.option(
+    "--model-type", help="With --format adapterhub: the base's model type, when the adapter does not tell."
+)
 @handle_errors
-def export(ref: str, directory: str, merged: bool, base: str | None) -> None:
+def export(
+    ref: str, directory: str, merged: bool, base: str | None, fmt: str, model_type: str | None
+) -> None:
     """Write a version out as an artifact DIRECTORY, byte-identical to what was published.
 
     With --merged --base PATH: a transformers model directory (safetensors) of the base
-    with the adapter merged, for serving without deltahub.
+    with the adapter merged, for serving without deltahub. With --format adapterhub: an
+    AdapterHub adapter directory (bottleneck, LoRA, IA3) with the same outputs.
     """
+    if fmt == "adapterhub":
+        if merged or base:
+            raise click.UsageError("--format adapterhub exports the adapter itself, not --merged")
+        from deltahub.interop.adapterhub_export import export_adapterhub
+
+        path = export_adapterhub(_registry(), ref, directory, model_type=model_type)
+        click.echo(f"exported {ref} to {path} (AdapterHub: model.load_adapter(DIR, use_safetensors=True))")
+        return
     if merged or base:
         if not (merged and base):
             raise click.UsageError("--merged and --base go together: --merged --base PATH")
