@@ -108,8 +108,14 @@ def find_targets(
     model: nn.Module,
     config: dict[str, Any],
     accept: Callable[[nn.Module], bool] = is_linear,
+    what: str | None = None,
 ) -> list[str]:
-    """Module names selected by `config["target_modules"]` that `accept` takes."""
+    """Module names selected by `config["target_modules"]` that `accept` takes.
+
+    With `what` (the method's name), a module that the names select but `accept` refuses
+    is an error naming it, as PEFT raises for a target it cannot adapt; without it such
+    modules are skipped.
+    """
     targets = config.get("target_modules")
     if targets is None:
         raise InvalidConfig("target_modules is required: a list of module names, a regex, or 'all-linear'")
@@ -121,7 +127,15 @@ def find_targets(
         raise InvalidConfig(f"target_modules must be a list, a regex or 'all-linear', got {targets!r}")
     else:
         config = {**config, "target_modules": targets if isinstance(targets, str) else list(targets)}
-    found = [n for n, m in model.named_modules() if n and name_matches(config, n) and accept(m)]
+    matched = [(n, m) for n, m in model.named_modules() if n and name_matches(config, n)]
+    if what is not None:
+        for n, m in matched:
+            if not accept(m):
+                raise IncompatibleBase(
+                    f"target_modules {targets!r} selects {n!r}, a {type(m).__name__}, which {what} cannot "
+                    "adapt; name only the modules it adapts (or use exclude_modules)"
+                )
+    found = [n for n, m in matched if accept(m)]
     if not found:
         raise IncompatibleBase(
             f"target_modules {targets!r} matches no supported module of {type(model).__name__}; "

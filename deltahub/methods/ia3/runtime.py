@@ -37,10 +37,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltahub.compose.inject import find_targets, get_module, is_conv1d, is_linear, linear_dims
-from deltahub.errors import IncompatibleBase, InvalidConfig, Unsupported
+from deltahub.errors import IncompatibleBase, InvalidArtifact, InvalidConfig, Unsupported
 from deltahub.methods.affine import fold_input, fold_output, restore
 from deltahub.methods.common import AdapterModule, SiteDelta
-from deltahub.methods.lora.runtime import PREFIX, dequantized_weight
+from deltahub.methods.lora import extras as ex
+from deltahub.methods.lora.runtime import PREFIX, dequantized_weight, fresh_extras
+from deltahub.methods.lora.saved import build_sites, factor_layer, has_saved
 from deltahub.patterns import fullmatch
 
 KEY = "ia3_l"
@@ -113,13 +115,24 @@ class IA3Adapter(AdapterModule):
     mergeable = True
     supports = frozenset({"sum", "average", "route", "fuse"})
 
+    def __init__(
+        self,
+        config: dict[str, Any],
+        paths: list[str],
+        layers: list[Any],
+        kept: dict[str, Tensor] | None = None,
+    ) -> None:
+        super().__init__(config, paths, layers)
+        self.kept = dict(kept or {})  # artifact tensors carried for export only
+        if has_saved(layers):  # a saved head runs alone or routed per row (see LoraAdapter)
+            self.supports = self.supports & frozenset({"route"})
+
     @staticmethod
     def _check_config(config: dict[str, Any]) -> None:
-        if config.get("modules_to_save"):
-            raise Unsupported(
-                f"IA3 with modules_to_save={config['modules_to_save']!r} is not supported; "
-                "save the head separately"
-            )
+        try:
+            ex.modules_to_save_of(config)
+        except InvalidArtifact as e:
+            raise Unsupported(str(e)) from None
 
     @staticmethod
     def _dtype(module: nn.Module) -> torch.dtype:
@@ -131,7 +144,7 @@ class IA3Adapter(AdapterModule):
         """Fresh vectors (all ones: the identity) on `target_modules`."""
         full = default_config(base, config)
         cls._check_config(full)
-        names = find_targets(base, full)
+        names = find_targets(base, full, what="IA3")
         if any(is_conv1d(base.get_submodule(n)) for n in names):
             full["fan_in_fan_out"] = True  # what PEFT sets for GPT-2's Conv1D
         paths, layers = [], []
@@ -142,7 +155,9 @@ class IA3Adapter(AdapterModule):
             vec = torch.ones(d_in if ff else d_out, dtype=cls._dtype(module), device=module.weight.device)
             paths.append(name)
             layers.append(IA3Layer(module, ff, vec))
-        return cls(full, paths, layers)
+        sites: dict[str, Any] = dict(zip(paths, layers, strict=True))
+        build_sites(base, fresh_extras(base, full, set(paths)), None, "new", sites, trainable=True)
+        return cls(full, list(sites), list(sites.values()))
 
     @classmethod
     def from_tensors(
@@ -156,12 +171,11 @@ class IA3Adapter(AdapterModule):
         """Build from artifact tensors (ours or PEFT's); every module must exist and every shape fit."""
         cls._check_config(config)
         paths, layers = [], []
+        rest = [k for k in keys if not k.endswith("." + KEY)]
         for key in keys:
             bare = key[len(PREFIX) :] if key.startswith(PREFIX) else key
             if not bare.endswith("." + KEY):
-                raise Unsupported(
-                    f"adapter {adapter!r} has tensor {key!r}, which is not an IA3 vector (ia3_l)"
-                )
+                continue
             path = bare[: -len(KEY) - 1]
             module = get_module(base, path, adapter)
             if not is_linear(module):
@@ -182,13 +196,25 @@ class IA3Adapter(AdapterModule):
             layers.append(IA3Layer(module, ff, vec))
         if not layers:
             raise IncompatibleBase(f"adapter {adapter!r} has no IA3 vectors")
-        return cls(config, paths, layers)
+        try:
+            extras = ex.classify(config, rest, set(paths), "ia3")
+        except InvalidArtifact as e:
+            raise Unsupported(f"adapter {adapter!r}: {e}") from None
+        sites: dict[str, Any] = dict(zip(paths, layers, strict=True))
+        kept = build_sites(base, extras, get, adapter, sites)
+        return cls(config, list(sites), list(sites.values()), kept)
 
     def tensors(self) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
-        for path, layer in zip(self.paths, self.layers, strict=True):
-            vec = layer.ia3_l.detach()
-            out[f"{PREFIX}{path}.{KEY}"] = vec[None, :] if layer.feedforward else vec[:, None]
+        for path, site in zip(self.paths, self.layers, strict=True):
+            layer = factor_layer(site)
+            if isinstance(layer, IA3Layer):
+                vec = layer.ia3_l.detach()
+                out[f"{PREFIX}{path}.{KEY}"] = vec[None, :] if layer.feedforward else vec[:, None]
+            saved = getattr(site, "tensors", None)
+            if saved is not None:
+                out.update(saved())
+        out.update(self.kept)
         return out
 
 

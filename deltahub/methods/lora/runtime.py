@@ -43,12 +43,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltahub.compose.inject import find_targets, get_module, is_bnb_linear, is_conv1d, is_linear, linear_dims
-from deltahub.errors import IncompatibleBase, InvalidConfig, Unsupported
+from deltahub.errors import IncompatibleBase, InvalidArtifact, InvalidConfig, Unsupported
 from deltahub.methods.common import AdapterModule, SiteDelta
+from deltahub.methods.lora import extras as ex
+from deltahub.methods.lora.saved import build_sites, factor_layer, has_saved
+from deltahub.methods.lora.schema import unsupported_option
 from deltahub.patterns import lora_scaling, pattern_value
 
 PREFIX = "base_model.model."
 A_KEY, B_KEY, M_KEY = "lora_A.weight", "lora_B.weight", "lora_magnitude_vector"
+EA_KEY, EB_KEY = "lora_embedding_A", "lora_embedding_B"
+FACTOR_KEYS = (A_KEY, B_KEY, M_KEY, EA_KEY, EB_KEY)
+
+
+def is_embedding(module: nn.Module) -> bool:
+    return isinstance(module, nn.Embedding)
+
+
+def lora_target(module: nn.Module) -> bool:
+    """What LoRA adapts: linear layers (Linear, Conv1D, bitsandbytes) and embeddings."""
+    return is_linear(module) or is_embedding(module)
 
 
 def dequantized_weight(module: nn.Module) -> Tensor:
@@ -184,23 +198,96 @@ class LoraLayer(SiteDelta):
         self.base_layer.weight.copy_(backup)
 
 
+class LoraEmbedding(SiteDelta):
+    """LoRA on an `nn.Embedding` (PEFT's `lora.Embedding`): for token ids x,
+
+        y = E[x] + s * A^T[x] B^T,      A: (r, V) `lora_embedding_A`, B: (d, r) `lora_embedding_B`
+
+    (a row lookup in A^T, then the small matmul), times the layer's `embed_scale` where
+    it has one (Gemma's scaled embeddings), as PEFT. Merging adds s (B A)^T to E.
+    """
+
+    def __init__(self, base: nn.Module, path: str, A: Tensor, B: Tensor, scaling: float) -> None:
+        super().__init__()
+        base_layer = base.get_submodule(path)
+        object.__setattr__(self, "base_layer", base_layer)
+        self.path = path
+        w = base_layer.weight
+        # Other modules holding this weight (GPT-2's lm_head holds wte's): a merge would reach them.
+        self.tied_with = [
+            n
+            for n, m in base.named_modules(remove_duplicate=False)
+            if n != path and any(p is w for p in m._parameters.values())
+        ]
+        self.r, self.scaling, self.use_dora = A.shape[0], float(scaling), False
+        self.lora_embedding_A = nn.Parameter(A)  # (r, V)
+        self.lora_embedding_B = nn.Parameter(B)  # (d, r)
+
+    def delta_weight(self) -> Tensor:
+        """s (B A)^T, shaped like the embedding (V, d)."""
+        return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling
+
+    def delta(self, x: Tensor, y_base: Tensor, y_cur: Tensor, scale: float, rows: Any = None) -> Tensor:
+        e = self.base_layer
+        h = F.embedding(
+            x,
+            self.lora_embedding_A.T,
+            padding_idx=e.padding_idx,
+            max_norm=e.max_norm,
+            norm_type=e.norm_type,
+            scale_grad_by_freq=e.scale_grad_by_freq,
+            sparse=e.sparse,
+        )  # (..., r)
+        out = (h @ self.lora_embedding_B.T) * (self.scaling * scale)  # (..., d)
+        embed_scale = getattr(e, "embed_scale", None)
+        if embed_scale is not None:
+            out = out * torch.as_tensor(embed_scale, dtype=out.dtype, device=out.device)
+        return out
+
+    @torch.no_grad()
+    def merge(self) -> Any:
+        if self.tied_with:
+            raise Unsupported(
+                f"merging a LoRA on embedding {self.path!r} would also change {self.tied_with}, which share "
+                "its weight; keep this adapter unmerged (activate it) instead"
+            )
+        weight = self.base_layer.weight
+        backup = weight.detach().clone()
+        weight.add_(self.delta_weight().to(weight.dtype))
+        return backup
+
+    @torch.no_grad()
+    def unmerge(self, backup: Any) -> None:
+        self.base_layer.weight.copy_(backup)
+
+
 class LoraAdapter(AdapterModule):
-    """A LoRA adapter: `LoraLayer`s keyed by module path; PEFT's config and keys."""
+    """A LoRA adapter: `LoraLayer`s / `LoraEmbedding`s keyed by module path, plus what the
+    artifact saves besides (`modules_to_save`, biases, embedding weights:
+    `deltahub.methods.lora.saved`); PEFT's config and keys."""
 
     method = "lora"
     mergeable = True
 
+    def __init__(
+        self,
+        config: dict[str, Any],
+        paths: list[str],
+        layers: list[SiteDelta],
+        kept: dict[str, Tensor] | None = None,
+    ) -> None:
+        super().__init__(config, paths, layers)
+        self.kept = dict(kept or {})  # artifact tensors carried for export only
+        if has_saved(layers):
+            # A saved head or bias replaces the base's: it has no meaning summed or stacked
+            # with another adapter's, only alone or routed per row.
+            self.supports = self.supports & frozenset({"route"})
+
     @staticmethod
     def _check_config(config: dict[str, Any]) -> None:
-        if config.get("lora_bias"):
-            raise Unsupported("LoRA with lora_bias=true is not supported; train it with lora_bias=false")
-        if config.get("bias", "none") != "none":
-            raise Unsupported(f"LoRA with bias={config.get('bias')!r} is not supported; use bias='none'")
-        if config.get("modules_to_save"):
-            raise Unsupported(
-                f"LoRA with modules_to_save={config['modules_to_save']!r} is not supported yet; "
-                "save the head separately or train it into the base"
-            )
+        problem = unsupported_option(config)
+        if problem:
+            raise Unsupported(problem)
 
     @classmethod
     def _dtype(cls, module: nn.Module) -> torch.dtype:
@@ -211,22 +298,31 @@ class LoraAdapter(AdapterModule):
 
     @classmethod
     def create(cls, base: nn.Module, config: dict[str, Any]) -> LoraAdapter:
-        """A fresh LoRA (B = 0: the adapter starts as the identity) on `target_modules`."""
+        """A fresh LoRA (B = 0: the adapter starts as the identity) on `target_modules`,
+        with trainable copies of `modules_to_save` and of the biases `bias` names."""
         full = default_config(config)
         cls._check_config(full)
-        names = find_targets(base, full)
+        names = find_targets(base, full, accept=lora_target, what="LoRA")
         if any(_stored_in_out(base.get_submodule(n)) for n in names):
             full["fan_in_fan_out"] = True  # what PEFT sets (with a warning) for GPT-2's Conv1D
-        layers = []
+        sites: dict[str, SiteDelta] = {}
         for name in names:
             module = base.get_submodule(name)
             r = int(pattern_value(full.get("rank_pattern"), name, full["r"]))
-            layers.append(
-                LoraLayer(
-                    module, r, lora_scaling(full, name, r), bool(full.get("use_dora")), cls._dtype(module)
-                )
-            )
-        return cls(full, names, layers)
+            scaling = lora_scaling(full, name, r)
+            if is_embedding(module):
+                if full.get("use_dora"):
+                    raise Unsupported(
+                        f"DoRA on embedding {name!r} is not supported; leave it out of target_modules"
+                    )
+                w = module.weight
+                A = torch.zeros(r, w.shape[0], dtype=w.dtype, device=w.device)  # PEFT: A = 0, B ~ N(0, 1)
+                B = torch.randn(w.shape[1], r, dtype=w.dtype, device=w.device)
+                sites[name] = LoraEmbedding(base, name, A, B, scaling)
+            else:
+                sites[name] = LoraLayer(module, r, scaling, bool(full.get("use_dora")), cls._dtype(module))
+        build_sites(base, fresh_extras(base, full, set(names)), None, "new", sites, trainable=True)
+        return cls(full, list(sites), list(sites.values()))
 
     @classmethod
     def from_tensors(
@@ -240,21 +336,26 @@ class LoraAdapter(AdapterModule):
         """Build from artifact tensors; every module must exist and every shape fit."""
         cls._check_config(config)
         modules: dict[str, dict[str, str]] = {}
+        rest: list[str] = []
         for key in keys:
             bare = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-            for suffix in (A_KEY, B_KEY, M_KEY):
+            for suffix in FACTOR_KEYS:
                 if bare.endswith("." + suffix):
                     modules.setdefault(bare[: -len(suffix) - 1], {})[suffix] = key
                     break
             else:
-                raise Unsupported(
-                    f"adapter {adapter!r} has tensor {key!r}, which is not a LoRA weight "
-                    "(lora_A/lora_B/lora_magnitude_vector); such extras are not supported"
-                )
+                rest.append(key)
+        try:
+            extras = ex.classify(config, rest, set(modules), "lora")
+        except InvalidArtifact as e:
+            raise Unsupported(f"adapter {adapter!r}: {e}") from None
         use_dora = bool(config.get("use_dora"))
-        paths, layers = [], []
+        sites: dict[str, SiteDelta] = {}
         for path, parts in modules.items():
             module = get_module(base, path, adapter)
+            if EA_KEY in parts or EB_KEY in parts:
+                sites[path] = cls._embedding_from(base, config, path, parts, get, adapter)
+                continue
             if not is_linear(module):
                 raise IncompatibleBase(
                     f"adapter {adapter!r}: module {path!r} is a {type(module).__name__}, not a linear layer"
@@ -297,20 +398,100 @@ class LoraAdapter(AdapterModule):
                     m.to(dtype=dtype, device=device), requires_grad=False
                 )
             layer._norm, layer._norm_key = None, ()
-            paths.append(path)
-            layers.append(layer)
-        if not layers:
+            sites[path] = layer
+        if not sites:
             raise IncompatibleBase(f"adapter {adapter!r} has no LoRA weights")
-        return cls(config, paths, layers)
+        kept = build_sites(base, extras, get, adapter, sites)
+        return cls(config, list(sites), list(sites.values()), kept)
+
+    @classmethod
+    def _embedding_from(
+        cls,
+        base: nn.Module,
+        config: dict[str, Any],
+        path: str,
+        parts: dict[str, str],
+        get: Callable[[str], Tensor],
+        adapter: str,
+    ) -> LoraEmbedding:
+        module = base.get_submodule(path)
+        if not is_embedding(module):
+            raise IncompatibleBase(
+                f"adapter {adapter!r}: module {path!r} is a {type(module).__name__}, not an embedding "
+                "(the adapter has lora_embedding_A/B there)"
+            )
+        if EA_KEY not in parts or EB_KEY not in parts:
+            raise IncompatibleBase(f"adapter {adapter!r}: module {path!r} lacks lora_embedding_A or _B")
+        A, B = get(parts[EA_KEY]), get(parts[EB_KEY])
+        V, d = module.weight.shape
+        r = A.shape[0]
+        if A.ndim == 2 and A.shape[1] != V:
+            raise IncompatibleBase(
+                f"adapter {adapter!r}: embedding {path!r} has {V} tokens but the adapter was trained on a "
+                f"vocabulary of {A.shape[1]} (lora_embedding_A {list(A.shape)}); resize the base's token "
+                f"embeddings to {A.shape[1]} (resize_token_embeddings) before loading it"
+            )
+        if A.ndim != 2 or B.ndim != 2 or B.shape[0] != d or B.shape[1] != r:
+            raise IncompatibleBase(
+                f"adapter {adapter!r}: embedding {path!r} is ({V}, {d}) but the adapter has lora_embedding_A "
+                f"{list(A.shape)} and lora_embedding_B {list(B.shape)} (expected [r, {V}] and [{d}, r])"
+            )
+        w = module.weight
+        layer = LoraEmbedding(
+            base,
+            path,
+            A.to(dtype=w.dtype, device=w.device),
+            B.to(dtype=w.dtype, device=w.device),
+            lora_scaling(config, path, r),
+        )
+        layer.requires_grad_(False)
+        return layer
 
     def tensors(self) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
-        for path, layer in zip(self.paths, self.layers, strict=True):
-            out[f"{PREFIX}{path}.{A_KEY}"] = layer.lora_A.detach()
-            out[f"{PREFIX}{path}.{B_KEY}"] = layer.lora_B.detach()
-            if layer.lora_magnitude_vector is not None:
-                out[f"{PREFIX}{path}.{M_KEY}"] = layer.lora_magnitude_vector.detach()
+        for path, site in zip(self.paths, self.layers, strict=True):
+            layer = factor_layer(site)
+            if isinstance(layer, LoraLayer):
+                out[f"{PREFIX}{path}.{A_KEY}"] = layer.lora_A.detach()
+                out[f"{PREFIX}{path}.{B_KEY}"] = layer.lora_B.detach()
+                if layer.lora_magnitude_vector is not None:
+                    out[f"{PREFIX}{path}.{M_KEY}"] = layer.lora_magnitude_vector.detach()
+            elif isinstance(layer, LoraEmbedding):
+                out[f"{PREFIX}{path}.{EA_KEY}"] = layer.lora_embedding_A.detach()
+                out[f"{PREFIX}{path}.{EB_KEY}"] = layer.lora_embedding_B.detach()
+            saved = getattr(site, "tensors", None)
+            if saved is not None:
+                out.update(saved())
+        out.update(self.kept)
         return out
+
+
+def fresh_extras(base: nn.Module, config: dict[str, Any], adapted: set[str]) -> list[ex.Extra]:
+    """What PEFT would save besides the factors for a fresh adapter with this config:
+    every `modules_to_save` module, and the biases `bias` names."""
+    try:
+        mts = ex.modules_to_save_of(config)
+        bias = ex.bias_mode(config) if config.get("peft_type", "LORA") == "LORA" else "none"
+    except InvalidArtifact as e:
+        raise InvalidConfig(str(e)) from None
+    out: list[ex.Extra] = []
+    saved: list[str] = []
+    for name, _ in base.named_modules():
+        if name and not any(name.startswith(s + ".") for s in saved) and any(name.endswith(t) for t in mts):
+            if name in adapted:
+                raise InvalidConfig(f"module {name!r} is both a target and in modules_to_save; choose one")
+            saved.append(name)
+            out.append(ex.Extra("", "module", name, ""))
+    if bias != "none":
+        for name, _ in base.named_parameters():
+            module, _, leaf = name.rpartition(".")
+            if leaf != "bias" or any(module == s or module.startswith(s + ".") for s in saved):
+                continue
+            if bias == "lora_only" and module not in adapted:
+                continue
+            key = f"{PREFIX}{module}.base_layer.bias" if module in adapted else f"{PREFIX}{module}.bias"
+            out.append(ex.Extra(key, "param", module, "bias"))
+    return out
 
 
 def default_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -14,11 +14,54 @@ from __future__ import annotations
 from typing import Any
 
 from deltahub.errors import InvalidArtifact
-from deltahub.fileformat import TensorInfo
+from deltahub.fileformat import TASK_HEAD_PREFIX, TensorInfo
 from deltahub.methods.checks import check_pattern_map, is_int, is_num, need
+from deltahub.methods.lora import extras as ex
 from deltahub.patterns import lora_scaling, pattern_value
 
-__all__ = ["check_config", "lora_scaling", "module_of", "pattern_value"]
+# (key suffix, which factor): PEFT names linear factors `lora_A.weight`, embedding ones
+# `lora_embedding_A` (an nn.Parameter, no `.weight`).
+FACTORS = (
+    ("lora_A.weight", "A"),
+    ("lora_B.weight", "B"),
+    ("lora_embedding_A", "A"),
+    ("lora_embedding_B", "B"),
+)
+MAGNITUDE = "lora_magnitude_vector"
+
+__all__ = ["check_config", "lora_scaling", "module_of", "pattern_value", "unsupported_option"]
+
+# PEFT LoraConfig options that change what the adapter computes and that deltahub does
+# not run: refused at publish (and by `add_adapter`), naming the option.
+UNSUPPORTED_OPTIONS = {
+    "lora_bias": "a trained bias on lora_B (lora_bias)",
+    "use_qalora": "QA-LoRA (use_qalora)",
+    "use_bdlora": "BD-LoRA (use_bdlora)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "target_parameters": "LoRA on nn.Parameter targets (target_parameters)",
+    "layer_replication": "layer replication (layer_replication)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "kasa_config": "KaSA (kasa_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+    "velora_config": "VeLoRA (velora_config)",
+    "megatron_config": "Megatron-parallel layers (megatron_config)",
+    "ensure_weight_tying": "tied copies of saved embeddings (ensure_weight_tying)",
+    "use_mica": "MiCA (use_mica)",
+}
+
+
+def unsupported_option(config: dict[str, Any]) -> str | None:
+    """A message naming the first PEFT option set in `config` that deltahub cannot run
+    exactly, or None."""
+    for key, what in UNSUPPORTED_OPTIONS.items():
+        value = config.get(key)
+        if value not in (None, False, [], {}, ""):
+            return (
+                f"LoRA with {what} is not supported: deltahub would compute something other than PEFT "
+                f"({key}={value!r}); retrain without it"
+            )
+    return None
 
 
 def module_of(tensor_name: str, marker: str) -> str | None:
@@ -46,18 +89,42 @@ def check_config(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> None
     # Their keys are regexes matched against module names at load, merge and diff.
     check_pattern_map(config, "rank_pattern", lambda v: is_int(v) and v > 0, "a positive integer")
     check_pattern_map(config, "alpha_pattern", is_num, "a number")
+    problem = unsupported_option(config)
+    if problem:
+        raise InvalidArtifact("unsupported-option", problem)
     rank_pattern = config.get("rank_pattern") or {}
     a_shapes: dict[str, tuple[int, ...]] = {}
     b_shapes: dict[str, tuple[int, ...]] = {}
+    embedding: set[str] = set()
+    rest: list[str] = []
     for name, info in tensors.items():
-        for marker, shapes in (("lora_A", a_shapes), ("lora_B", b_shapes)):
-            module = module_of(name, marker)
-            if module is not None and name.endswith(".weight"):
-                if len(info.shape) < 2:
+        if name.startswith(TASK_HEAD_PREFIX):
+            continue
+        for suffix, shapes in FACTORS:
+            if name.endswith("." + suffix):
+                module = name[: -len(suffix) - 1]
+                if len(info.shape) != 2:
                     raise InvalidArtifact(
                         "shape-mismatch", f"{name} has shape {list(info.shape)}, expected 2-D"
                     )
-                shapes[module] = info.shape
+                (a_shapes if shapes == "A" else b_shapes)[module] = info.shape
+                if "embedding" in suffix:
+                    embedding.add(module)
+                break
+        else:
+            if name.endswith("." + MAGNITUDE):
+                if not config.get("use_dora"):
+                    raise InvalidArtifact("config-shape", f"{name} is a DoRA magnitude but use_dora is false")
+                continue
+            rest.append(name)
+    if embedding and config.get("use_dora"):
+        raise InvalidArtifact(
+            "unsupported-option",
+            f"DoRA on embedding layers ({sorted(embedding)[0]}) is not supported; retrain with use_dora=false "
+            "or without the embedding in target_modules",
+        )
+    bare = {m.removeprefix(ex.PREFIX) for m in a_shapes}
+    ex.classify(config, rest, bare, "lora")
     if not a_shapes:
         raise InvalidArtifact("config-shape", "a LoRA artifact needs at least one lora_A weight")
     if set(a_shapes) != set(b_shapes):

@@ -27,9 +27,13 @@ These adapters add positions rather than change weights, so they have no identit
 initialization, cannot be merged, and do not combine: Stack/Sum/Average/Fuse and per-row
 routing raise `Unsupported` (see `deltahub.compose.blocks`).
 
-Artifacts are PEFT's (`peft_type` "PROMPT_TUNING" / "PREFIX_TUNING"), one tensor:
+Artifacts are PEFT's (`peft_type` "PROMPT_TUNING" / "P_TUNING" / "PREFIX_TUNING"), one tensor:
 
-    prompt_embeddings   (k, d) prompt tuning;  (k, L * 2 * d_kv) prefix tuning
+    prompt_embeddings   (k, d) prompt tuning and P-tuning;  (k, L * 2 * d_kv) prefix tuning
+
+PEFT saves what its encoder computes, not the encoder: P-tuning's MLP/LSTM output prompts
+and, with `prefix_projection=true`, the prefix MLP's output. PEFT itself loads both for
+inference as plain tables, so they run here exactly as prompt and prefix tuning.
 """
 
 from __future__ import annotations
@@ -320,11 +324,8 @@ class PrefixTuning(VirtualTokens):
         get: Callable[[str], Tensor],
         adapter: str,
     ) -> PrefixTuning:
-        if config.get("prefix_projection"):
-            raise Unsupported(
-                f"adapter {adapter!r} was saved with its prefix MLP (prefix_projection=true); "
-                "save it from PEFT in inference form or retrain it with deltahub, which stores the prefixes"
-            )
+        # PEFT saves the computed prefixes (k, L * 2 * d_kv) whether or not it trained them
+        # through the MLP (`prefix_projection`), and loads them as such for inference.
         t = _one_tensor(keys, get, adapter)
         model = cls(base, {**config, "prefix_projection": False}, t)
         if t.ndim != 2 or t.shape[1] != model.width or t.shape[0] != model.num_virtual_tokens:
@@ -390,6 +391,21 @@ def prefix_config(base: nn.Module, config: dict[str, Any]) -> dict[str, Any]:
         encoder_hidden_size=config.get("encoder_hidden_size") or d["hidden"],
     )
     return full
+
+
+class PTuning(PromptTuning):
+    """PEFT's P-tuning (`peft_type` "P_TUNING", Liu et al., 2021, "GPT Understands, Too"):
+    trained through an MLP or LSTM prompt encoder, saved as the encoder's output prompts
+    (k, d), which PEFT runs at inference exactly as prompt tuning: [P; E(x)]."""
+
+    method = "p_tuning"
+
+    @classmethod
+    def create(cls, base: nn.Module, config: dict[str, Any]) -> PromptTuning:
+        raise Unsupported(
+            "training P-tuning's prompt encoder is not supported; train prompt tuning (method 'prompt') "
+            "instead: a P-tuning artifact is its encoder's output prompts, which load and run exactly"
+        )
 
 
 class PTuningV2(PrefixTuning):

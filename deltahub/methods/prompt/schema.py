@@ -1,9 +1,10 @@
 """Soft prompts' artifact schemas (PEFT's formats unchanged), torch-free.
 
-adapter_config.json: `{"peft_type": "PROMPT_TUNING" | "PREFIX_TUNING", "num_virtual_tokens": k,
+adapter_config.json: `{"peft_type": "PROMPT_TUNING" | "P_TUNING" | "PREFIX_TUNING", "num_virtual_tokens": k,
 "token_dim": d, "num_layers": L, ...}`; one tensor `prompt_embeddings`: (k, d) for prompt
 tuning, (k, L * 2 * token_dim) for prefix tuning (token_dim is the key/value width; the MLP
-of `prefix_projection` is never stored). P-tuning v2 artifacts are prefix-tuning ones.
+of `prefix_projection` is never stored, nor P-tuning's encoder: (k, d) is its output).
+P-tuning v2 artifacts are prefix-tuning ones.
 """
 
 from __future__ import annotations
@@ -28,16 +29,19 @@ def _check_virtual_tokens(config: dict[str, Any], tensors: dict[str, TensorInfo]
         raise InvalidArtifact("config-shape", f"expected exactly one tensor 'prompt_embeddings', got {names}")
     shape = tensors["prompt_embeddings"].shape
     subs = config.get("num_transformer_submodules") or 1
+    if subs != 1:
+        raise InvalidArtifact(
+            "unsupported-option",
+            f"num_transformer_submodules={subs} (an encoder-decoder's prompts) is not supported; "
+            "deltahub runs soft prompts on decoder-only and encoder-only models",
+        )
     if len(shape) != 2 or shape[0] != k * subs:
         raise InvalidArtifact(
             "shape-mismatch", f"prompt_embeddings has shape {list(shape)}, expected [{k}, ...]"
         )
     width = config.get("token_dim")
     if prefix:
-        if config.get("prefix_projection"):
-            raise bad(
-                "prefix_projection artifacts (with the MLP) are not supported; store the computed prefixes"
-            )
+        # With prefix_projection PEFT still saves the computed prefixes, never the MLP.
         layers = config.get("num_layers")
         if is_int(layers) and is_int(width) and shape[1] != layers * 2 * width:
             raise InvalidArtifact(
@@ -52,6 +56,12 @@ def _check_virtual_tokens(config: dict[str, Any], tensors: dict[str, TensorInfo]
 
 def check_prompt_tuning(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> None:
     """Prompt tuning: one (k, d) `prompt_embeddings`."""
+    _check_virtual_tokens(config, tensors, prefix=False)
+
+
+def check_p_tuning(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> None:
+    """P-tuning: one (k, d) `prompt_embeddings`, the prompt encoder's output (PEFT never
+    saves the encoder itself)."""
     _check_virtual_tokens(config, tensors, prefix=False)
 
 
