@@ -14,7 +14,12 @@ module's output, `x` its input and d_i the change adapter i alone makes:
 - `Average(a, b, weights=[...])`: a weighted average of the adapted outputs,
   y = sum_i p_i (y0 + d_i) = y0 + sum_i p_i d_i with p = weights / sum(weights),
   normalized exactly once at construction, so `Average(a, a) == a`. Default weights
-  are equal. Averaging happens at every site (as AdapterHub's `Average` block).
+  are equal. Averaging happens at every site. This is not AdapterHub's `Average`:
+  `adapters` 1.3 takes `mean(stack(out_i) * p)`, dividing by N a second time,
+  (1/N) sum_i p_i out_i, and for serial bottleneck adapters out_i includes the
+  sub-layer output h, so it computes LN(x + h/N + (1/N) sum_i p_i A_i) (LoRA: the
+  deltas scaled by 1/N again; IA3: two identity vectors average to 0.5); its
+  Average(a, a) is not a. tests/fixtures/adapterhub/SPEC.md 4.2 has the derivation.
 - `Stack(a, b)`: apply a, then b on a's result. Serial bottleneck adapters read the
   running output, so b sees a's output: y = y1 + f_b(y1), y1 = y0 + f_a(y0). LoRA (and
   DoRA, and parallel bottleneck adapters) read the module input, which stacking does not
