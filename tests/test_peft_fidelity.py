@@ -130,6 +130,21 @@ def _p_tuning(encoder: str) -> Callable[[str], Any]:
     return make
 
 
+def _prompt_seq_cls(peft_type: str) -> Callable[[str], Any]:
+    def make(kind: str) -> Any:
+        import peft
+
+        cls = {
+            "prompt": peft.PromptTuningConfig,
+            "prefix": peft.PrefixTuningConfig,
+            "p_tuning": peft.PromptEncoderConfig,
+        }[peft_type]
+        extra = {"encoder_hidden_size": 32} if peft_type == "p_tuning" else {}
+        return cls(task_type="SEQ_CLS", num_virtual_tokens=K, **extra)
+
+    return make
+
+
 def cases() -> list[Case]:
     out: list[Case] = []
     for kind in ("bert", "gpt2", "llama"):
@@ -157,6 +172,10 @@ def cases() -> list[Case]:
             Case("prefix_projection=True", kind, plain, _prefix_projection, merge=False),
             Case("P_TUNING (MLP)", kind, plain, _p_tuning("MLP"), merge=False, virtual=K),
             Case("P_TUNING (LSTM)", kind, plain, _p_tuning("LSTM"), merge=False, virtual=K),
+            *[
+                Case(f"modules_to_save (SEQ_CLS {t})", kind, seq_cls, _prompt_seq_cls(t), merge=False)
+                for t in ("prompt", "p_tuning")  # PEFT cannot run prefix tuning on a classifier
+            ],
         ]
     return out
 

@@ -31,6 +31,7 @@ from typing import Any
 from deltahub.errors import InvalidArtifact
 
 PREFIX = "base_model.model."
+PROMPT_PREFIX = "base_model."  # the soft prompts' PeftModel wraps the base one level less deep
 # PEFT's duplicates of a saved module's bias under bias="all" (see the module docstring).
 IGNORED_PARTS = ("modules_to_save", "original_module")
 
@@ -76,9 +77,13 @@ def bias_mode(config: dict[str, Any]) -> str:
     return str(bias)
 
 
-def classify(config: dict[str, Any], keys: list[str], adapted: set[str], method: str) -> list[Extra]:
+def classify(
+    config: dict[str, Any], keys: list[str], adapted: set[str], method: str, prefix: str = PREFIX
+) -> list[Extra]:
     """Sort the non-factor `keys` of an artifact whose factors sit on modules `adapted`.
 
+    `prefix` is what PEFT puts before module names: `base_model.model.` for LoRA and
+    IA3, `base_model.` for the soft prompts (whose SEQ_CLS artifacts save the head too).
     Raises `InvalidArtifact` naming the first key that the config does not explain.
     """
     mts = modules_to_save_of(config)
@@ -93,11 +98,11 @@ def classify(config: dict[str, Any], keys: list[str], adapted: set[str], method:
             )
     out: list[Extra] = []
     for key in keys:
-        if not key.startswith(PREFIX):
+        if not key.startswith(prefix):
             raise InvalidArtifact(
-                "config-shape", f"tensor {key!r} is not a {method} tensor (no {PREFIX!r} prefix)"
+                "config-shape", f"tensor {key!r} is not a {method} tensor (no {prefix!r} prefix)"
             )
-        bare = key[len(PREFIX) :]
+        bare = key[len(prefix) :]
         hit = saved_module_of(bare, mts)
         if hit is not None:
             module, rest = hit

@@ -47,11 +47,16 @@ class SavedModule(SiteDelta):
     """A `modules_to_save` module: the adapter's own trained copy of a base module."""
 
     def __init__(
-        self, base_module: nn.Module, path: str, state: dict[str, Tensor] | None, adapter: str
+        self,
+        base_module: nn.Module,
+        path: str,
+        state: dict[str, Tensor] | None,
+        adapter: str,
+        prefix: str = PREFIX,
     ) -> None:
         super().__init__()
         object.__setattr__(self, "base_layer", base_module)
-        self.path = path
+        self.path, self.prefix = path, prefix
         self.module = _plain_copy(base_module)
         if state is not None:
             want = self.module.state_dict()
@@ -81,7 +86,7 @@ class SavedModule(SiteDelta):
         return forward
 
     def tensors(self) -> dict[str, Tensor]:
-        return {f"{PREFIX}{self.path}.{k}": v.detach() for k, v in self.module.state_dict().items()}
+        return {f"{self.prefix}{self.path}.{k}": v.detach() for k, v in self.module.state_dict().items()}
 
     @torch.no_grad()
     def merge(self) -> Any:
@@ -196,6 +201,7 @@ def build_sites(
     adapter: str,
     sites: dict[str, SiteDelta],
     trainable: bool = False,
+    prefix: str = PREFIX,
 ) -> dict[str, Tensor]:
     """Add the sites of `extras` to `sites` (path -> delta; an existing delta at a path
     with saved parameters becomes their `inner`). `get` reads an artifact tensor; None
@@ -253,7 +259,7 @@ def build_sites(
         base_module = get_module(base, path, adapter)
         if path in sites:
             raise IncompatibleBase(f"adapter {adapter!r} both saves module {path!r} and adapts it")
-        sites[path] = SavedModule(base_module, path, state if get is not None else None, adapter)
+        sites[path] = SavedModule(base_module, path, state if get is not None else None, adapter, prefix)
     for path, named in params.items():
         sites[path] = SavedParams(
             base.get_submodule(path),

@@ -46,8 +46,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deltahub.errors import IncompatibleBase, InvalidConfig, Unsupported
+from deltahub.errors import IncompatibleBase, InvalidArtifact, InvalidConfig, Unsupported
 from deltahub.methods.common import AdapterModule
+from deltahub.methods.lora import extras as ex
+from deltahub.methods.lora.saved import build_sites
 
 KEY = "prompt_embeddings"
 
@@ -109,6 +111,31 @@ class VirtualTokens(AdapterModule):
         self.num_virtual_tokens = int(config["num_virtual_tokens"])
         self._hooks: list[Any] = []
         self._cut = self._full_length = 0
+
+    def add_saved(
+        self, base: nn.Module, keys: list[str], get: Callable[[str], Tensor], adapter: str
+    ) -> VirtualTokens:
+        """Also run the modules PEFT saved beside the prompts (a SEQ_CLS classifier, under
+        `base_model.<module>.*`) while active; see `deltahub.methods.lora.extras`."""
+        rest = [k for k in keys if k != KEY]
+        if not rest:
+            return self
+        try:
+            extras = ex.classify(self.config, rest, set(), self.method, prefix=ex.PROMPT_PREFIX)
+        except InvalidArtifact as e:
+            raise Unsupported(f"adapter {adapter!r}: {e}") from None
+        sites: dict[str, Any] = {}
+        self.kept = build_sites(base, extras, get, adapter, sites, prefix=ex.PROMPT_PREFIX)
+        self.paths = list(sites)
+        self.layers = nn.ModuleList(sites.values())
+        self._by_path = dict(sites)
+        return self
+
+    def saved_tensors(self) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = dict(getattr(self, "kept", {}))
+        for layer in self.layers:
+            out.update(layer.tensors())  # type: ignore[operator]
+        return out
 
     # subclasses: what the first step of a forward does
     def _first(self, base: nn.Module, kwargs: dict[str, Any], batch: int) -> None:
@@ -247,10 +274,10 @@ class PromptTuning(VirtualTokens):
                 f"[{config.get('num_virtual_tokens')}, {d}]"
             )
         emb = base.get_input_embeddings().weight
-        return cls(dict(config), t.to(dtype=emb.dtype, device=emb.device))
+        return cls(dict(config), t.to(dtype=emb.dtype, device=emb.device)).add_saved(base, keys, get, adapter)
 
     def tensors(self) -> dict[str, Tensor]:
-        return {KEY: self.prompt_embeddings.detach()}
+        return {KEY: self.prompt_embeddings.detach(), **self.saved_tensors()}
 
 
 class PrefixTuning(VirtualTokens):
@@ -333,15 +360,15 @@ class PrefixTuning(VirtualTokens):
                 f"adapter {adapter!r}: prompt_embeddings is {list(t.shape)}, this base needs "
                 f"[{model.num_virtual_tokens}, {model.width}] (layers x 2 x key/value width)"
             )
-        return model
+        return model.add_saved(base, keys, get, adapter)
 
     def tensors(self) -> dict[str, Tensor]:
-        return {KEY: self.prefixes().detach()}
+        return {KEY: self.prefixes().detach(), **self.saved_tensors()}
 
 
 def _one_tensor(keys: list[str], get: Callable[[str], Tensor], adapter: str) -> Tensor:
-    if keys != [KEY]:
-        raise IncompatibleBase(f"adapter {adapter!r} should hold exactly one tensor {KEY!r}, it has {keys}")
+    if KEY not in keys:
+        raise IncompatibleBase(f"adapter {adapter!r} should hold a tensor {KEY!r}, it has {keys}")
     return get(KEY)
 
 

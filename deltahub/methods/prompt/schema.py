@@ -14,6 +14,7 @@ from typing import Any
 from deltahub.errors import InvalidArtifact
 from deltahub.fileformat import TASK_HEAD_PREFIX, TensorInfo
 from deltahub.methods.checks import bad, is_int, short
+from deltahub.methods.lora import extras as ex
 
 
 def _check_virtual_tokens(config: dict[str, Any], tensors: dict[str, TensorInfo], prefix: bool) -> None:
@@ -25,8 +26,11 @@ def _check_virtual_tokens(config: dict[str, Any], tensors: dict[str, TensorInfo]
         if value is not None and not (is_int(value) and value > 0):
             raise bad(f"{key} must be a positive integer or null, got {short(value)}")
     names = [n for n in tensors if not n.startswith(TASK_HEAD_PREFIX)]
-    if names != ["prompt_embeddings"]:
-        raise InvalidArtifact("config-shape", f"expected exactly one tensor 'prompt_embeddings', got {names}")
+    if "prompt_embeddings" not in names:
+        raise InvalidArtifact("config-shape", f"expected a tensor 'prompt_embeddings', got {names}")
+    # A SEQ_CLS artifact saves its classifier too (modules_to_save, `base_model.<module>.*`).
+    method = str(config.get("peft_type", "")).lower()
+    ex.classify(config, [n for n in names if n != "prompt_embeddings"], set(), method, ex.PROMPT_PREFIX)
     shape = tensors["prompt_embeddings"].shape
     subs = config.get("num_transformer_submodules") or 1
     if subs != 1:
