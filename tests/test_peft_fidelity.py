@@ -379,3 +379,47 @@ def test_a_resized_vocabulary_is_refused_at_load_naming_the_fix(tmp_path):
     model = AdaptedModel(load_base(copy.deepcopy(base), device="cpu"))
     with pytest.raises(DeltahubError, match="resize"):
         model.load_path(tmp_path / "p", "a", force=True)
+
+
+def test_rows_routed_to_saved_biases_embeddings_and_heads_equal_each_alone(tmp_path):
+    base = seq_cls("llama")
+    configs = {
+        "bias": _lora(task_type="SEQ_CLS", bias="all"),
+        "embed": _lora(task_type="SEQ_CLS", target_modules=["embed_tokens", "q_proj"]),
+        "ia3": _ia3_seq_cls,
+    }
+    model = AdaptedModel(load_base(copy.deepcopy(base), device="cpu"))
+    for i, (name, config) in enumerate(configs.items()):
+        peft_save(tmp_path / name, base, config("llama"), seed=i)
+        model.load_path(tmp_path / name, name)
+    x = ids(batch=4)
+    names = ["embed", "bias", None, "ia3"]
+    with torch.no_grad():
+        routed = out_of(model(input_ids=x, adapter_names=names))
+    for row, name in enumerate(names):
+        if name is None:
+            model.deactivate()
+        else:
+            model.activate(name)
+        alone = run(model, x)
+        assert (routed[row] - alone[row]).abs().max().item() <= TOL, (row, name)
+    model.deactivate()
+
+
+def test_merged_export_carries_the_saved_head_and_biases(tmp_path):
+    import transformers as tf
+
+    from deltahub.compose.export import export_merged
+
+    base = seq_cls("bert")
+    base.save_pretrained(str(tmp_path / "base"))
+    peft_save(tmp_path / "p", base, _lora(task_type="SEQ_CLS", bias="all")("bert"))
+    registry = Registry()
+    version = registry.publish(tmp_path / "p", "cls")
+    model = AdaptedModel(load_base(copy.deepcopy(base), device="cpu"), registry=registry)
+    model.activate(model.load(version.ref))
+    x = ids()
+    ours = run(model, x)
+    out = export_merged(version.ref, tmp_path / "base", tmp_path / "merged", registry=registry, force=True)
+    served = tf.AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    assert (run(served, x) - ours).abs().max().item() <= TOL
