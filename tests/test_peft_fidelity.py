@@ -154,6 +154,8 @@ def cases() -> list[Case]:
             Case("bias=all", kind, plain, _lora(bias="all")),
             Case("bias=lora_only", kind, plain, _lora(bias="lora_only")),
             Case("bias=all + SEQ_CLS head", kind, seq_cls, _lora(task_type="SEQ_CLS", bias="all")),
+            Case("bias=lora_only + DoRA", kind, plain, _lora(bias="lora_only", use_dora=True)),
+            Case("lora_bias=True", kind, plain, _lora(lora_bias=True)),
             Case(
                 "LoRA on embedding",
                 kind,
@@ -302,25 +304,37 @@ def test_two_classifiers_swap_route_per_row_and_refuse_sums(tmp_path):
         model.activate(Sum("a", "b"))
 
 
-def test_adapters_made_here_with_heads_biases_and_embeddings_load_in_peft(tmp_path):
-    base = seq_cls("gpt2")
-    model = AdaptedModel(load_base(copy.deepcopy(base), device="cpu"))
-    config = {
-        "method": "lora",
-        "r": 4,
-        "lora_alpha": 8,
+MADE_HERE = {
+    "head+bias+embedding": {
         "target_modules": ["wte", "c_attn"],
         "modules_to_save": ["score"],
         "bias": "all",
         "task_type": "SEQ_CLS",
-    }
-    model.add_adapter("mine", config)
+    },
+    "lora_only+lora_bias": {"target_modules": ["c_attn", "c_fc"], "bias": "lora_only", "lora_bias": True},
+    "ia3+head": {
+        "method": "ia3",
+        "target_modules": ["c_attn", "mlp.c_proj"],
+        "feedforward_modules": ["mlp.c_proj"],
+        "modules_to_save": ["score"],
+    },
+}
+
+
+@pytest.mark.parametrize("extra", list(MADE_HERE), ids=list(MADE_HERE))
+def test_adapters_made_here_with_heads_biases_and_embeddings_load_in_peft(tmp_path, extra):
+    base = seq_cls("gpt2")
+    model = AdaptedModel(load_base(copy.deepcopy(base), device="cpu"))
+    config = MADE_HERE[extra]
+    lora = {"method": "lora", "r": 4, "lora_alpha": 8} if "method" not in config else {}
+    model.add_adapter("mine", {**lora, **config})
     adapter = model.get_adapter("mine")
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in adapter.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    assert any(k.endswith("transformer.wte.lora_embedding_A") for k in adapter.tensors())
+    if "wte" in MADE_HERE[extra]["target_modules"]:
+        assert any(k.endswith("transformer.wte.lora_embedding_A") for k in adapter.tensors())
     model.activate("mine")
     x = ids()
     ours = run(model, x)
@@ -342,7 +356,6 @@ def test_a_target_the_method_cannot_adapt_is_an_error_naming_it():
 
 
 REFUSED = [
-    ("lora_bias", {"lora_bias": True}, {}),
     ("use_dora on an embedding", {"use_dora": True, "target_modules": ["wte", "c_attn"]}, {}),
     ("trainable_token_indices", {"trainable_token_indices": [1, 2]}, {}),
 ]

@@ -41,8 +41,8 @@ from deltahub.errors import IncompatibleBase, InvalidArtifact, InvalidConfig, Un
 from deltahub.methods.affine import fold_input, fold_output, restore
 from deltahub.methods.common import AdapterModule, SiteDelta
 from deltahub.methods.lora import extras as ex
-from deltahub.methods.lora.runtime import PREFIX, dequantized_weight, fresh_extras
-from deltahub.methods.lora.saved import build_sites, factor_layer, has_saved
+from deltahub.methods.lora.runtime import PREFIX, dequantized_weight
+from deltahub.methods.lora.saved import build_sites, factor_layer, fresh_extras, has_saved
 from deltahub.patterns import fullmatch
 
 KEY = "ia3_l"

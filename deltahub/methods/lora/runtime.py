@@ -23,6 +23,11 @@ Artifacts use PEFT's key names and config unchanged:
     base_model.model.<module path>.lora_A.weight            (r, d_in)
     base_model.model.<module path>.lora_B.weight            (d_out, r)
     base_model.model.<module path>.lora_magnitude_vector    (d_out,)    DoRA only
+    base_model.model.<module path>.lora_B.bias              (d_out,)    lora_bias: (B A x + b) s
+    base_model.model.<embedding>.lora_embedding_A / _B      (r, V), (d, r)   (`lora.embedding`)
+
+plus what PEFT saves beside them (`modules_to_save` heads, `bias="all" | "lora_only"`,
+saved embedding weights: `lora.extras`, run by `lora.saved` while the adapter is active).
 
 GPT-2's `Conv1D` stores W as (d_in, d_out) (`fan_in_fan_out`); A and B keep the same
 shapes as for `nn.Linear`, only merging transposes. bitsandbytes `Linear4bit` /
@@ -46,18 +51,16 @@ from deltahub.compose.inject import find_targets, get_module, is_bnb_linear, is_
 from deltahub.errors import IncompatibleBase, InvalidArtifact, InvalidConfig, Unsupported
 from deltahub.methods.common import AdapterModule, SiteDelta
 from deltahub.methods.lora import extras as ex
-from deltahub.methods.lora.saved import build_sites, factor_layer, has_saved
+from deltahub.methods.lora.embedding import LoraEmbedding, is_embedding
+from deltahub.methods.lora.saved import build_sites, factor_layer, fresh_extras, has_saved
 from deltahub.methods.lora.schema import unsupported_option
 from deltahub.patterns import lora_scaling, pattern_value
 
 PREFIX = "base_model.model."
 A_KEY, B_KEY, M_KEY = "lora_A.weight", "lora_B.weight", "lora_magnitude_vector"
+BB_KEY = "lora_B.bias"  # lora_bias
 EA_KEY, EB_KEY = "lora_embedding_A", "lora_embedding_B"
-FACTOR_KEYS = (A_KEY, B_KEY, M_KEY, EA_KEY, EB_KEY)
-
-
-def is_embedding(module: nn.Module) -> bool:
-    return isinstance(module, nn.Embedding)
+FACTOR_KEYS = (A_KEY, B_KEY, M_KEY, BB_KEY, EA_KEY, EB_KEY)
 
 
 def lora_target(module: nn.Module) -> bool:
@@ -99,6 +102,7 @@ class LoraLayer(SiteDelta):
         self._norm: Tensor | None = None
         self._norm_key: tuple[int, ...] = ()
         self.lora_magnitude_vector: nn.Parameter | None = None
+        self.lora_B_bias: nn.Parameter | None = None  # PEFT's lora_bias: lora_B is Linear(r, d_out, bias)
         if use_dora:
             self.lora_magnitude_vector = nn.Parameter(self.weight_norm().clone())
 
@@ -132,6 +136,8 @@ class LoraLayer(SiteDelta):
             x = x.to(A.dtype)
         h = F.linear(x, A) * (self.scaling * scale)  # (..., r)
         lora = F.linear(h, self.lora_B)  # (..., d_out)
+        if self.lora_B_bias is not None:  # (B A x + b) s, as PEFT's lora_B(lora_A(x)) * scaling
+            lora = lora + self.lora_B_bias * (self.scaling * scale)
         if not self.use_dora:
             return lora
         g = self.lora_magnitude_vector / self.weight_norm()  # (d_out,)
@@ -141,7 +147,7 @@ class LoraLayer(SiteDelta):
         return (g - 1) * (wx * scale) + g * lora
 
     def single(self, base_forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        if self.use_dora:
+        if self.use_dora or self.lora_B_bias is not None:
             return super().single(base_forward)
         layer = self
 
@@ -171,6 +177,24 @@ class LoraLayer(SiteDelta):
 
     @torch.no_grad()
     def merge(self) -> Any:
+        """Fold into the base weight in place (and a `lora_bias` into the base bias: b += s b_B,
+        as PEFT); return what `unmerge` needs."""
+        backup = self._merge_weight()
+        if self.lora_B_bias is None:
+            return backup
+        bias = self.base_layer.bias
+        old = bias.detach().clone()
+        bias.add_((self.lora_B_bias * self.scaling).to(bias.dtype))
+        return backup, old
+
+    @torch.no_grad()
+    def unmerge(self, backup: Any) -> None:
+        if self.lora_B_bias is not None:
+            backup, old = backup
+            self.base_layer.bias.copy_(old)
+        self._unmerge_weight(backup)
+
+    def _merge_weight(self) -> Any:
         """Fold into the base weight in place; return what `unmerge` needs (the old weight).
 
         A quantized layer is requantized (`quant.replace_weight`); its backup keeps the
@@ -188,76 +212,12 @@ class LoraLayer(SiteDelta):
         w.copy_(self._merged_weight(w).to(w.dtype))
         return backup
 
-    @torch.no_grad()
-    def unmerge(self, backup: Any) -> None:
+    def _unmerge_weight(self, backup: Any) -> None:
         if is_bnb_linear(self.base_layer):
             from deltahub.compose.quant import restore_weight
 
             restore_weight(self.base_layer, backup)
             return
-        self.base_layer.weight.copy_(backup)
-
-
-class LoraEmbedding(SiteDelta):
-    """LoRA on an `nn.Embedding` (PEFT's `lora.Embedding`): for token ids x,
-
-        y = E[x] + s * A^T[x] B^T,      A: (r, V) `lora_embedding_A`, B: (d, r) `lora_embedding_B`
-
-    (a row lookup in A^T, then the small matmul), times the layer's `embed_scale` where
-    it has one (Gemma's scaled embeddings), as PEFT. Merging adds s (B A)^T to E.
-    """
-
-    def __init__(self, base: nn.Module, path: str, A: Tensor, B: Tensor, scaling: float) -> None:
-        super().__init__()
-        base_layer = base.get_submodule(path)
-        object.__setattr__(self, "base_layer", base_layer)
-        self.path = path
-        w = base_layer.weight
-        # Other modules holding this weight (GPT-2's lm_head holds wte's): a merge would reach them.
-        self.tied_with = [
-            n
-            for n, m in base.named_modules(remove_duplicate=False)
-            if n != path and any(p is w for p in m._parameters.values())
-        ]
-        self.r, self.scaling, self.use_dora = A.shape[0], float(scaling), False
-        self.lora_embedding_A = nn.Parameter(A)  # (r, V)
-        self.lora_embedding_B = nn.Parameter(B)  # (d, r)
-
-    def delta_weight(self) -> Tensor:
-        """s (B A)^T, shaped like the embedding (V, d)."""
-        return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling
-
-    def delta(self, x: Tensor, y_base: Tensor, y_cur: Tensor, scale: float, rows: Any = None) -> Tensor:
-        e = self.base_layer
-        h = F.embedding(
-            x,
-            self.lora_embedding_A.T,
-            padding_idx=e.padding_idx,
-            max_norm=e.max_norm,
-            norm_type=e.norm_type,
-            scale_grad_by_freq=e.scale_grad_by_freq,
-            sparse=e.sparse,
-        )  # (..., r)
-        out = (h @ self.lora_embedding_B.T) * (self.scaling * scale)  # (..., d)
-        embed_scale = getattr(e, "embed_scale", None)
-        if embed_scale is not None:
-            out = out * torch.as_tensor(embed_scale, dtype=out.dtype, device=out.device)
-        return out
-
-    @torch.no_grad()
-    def merge(self) -> Any:
-        if self.tied_with:
-            raise Unsupported(
-                f"merging a LoRA on embedding {self.path!r} would also change {self.tied_with}, which share "
-                "its weight; keep this adapter unmerged (activate it) instead"
-            )
-        weight = self.base_layer.weight
-        backup = weight.detach().clone()
-        weight.add_(self.delta_weight().to(weight.dtype))
-        return backup
-
-    @torch.no_grad()
-    def unmerge(self, backup: Any) -> None:
         self.base_layer.weight.copy_(backup)
 
 
@@ -311,16 +271,21 @@ class LoraAdapter(AdapterModule):
             r = int(pattern_value(full.get("rank_pattern"), name, full["r"]))
             scaling = lora_scaling(full, name, r)
             if is_embedding(module):
-                if full.get("use_dora"):
+                if full.get("use_dora") or full.get("lora_bias"):
                     raise Unsupported(
-                        f"DoRA on embedding {name!r} is not supported; leave it out of target_modules"
+                        f"DoRA or lora_bias on embedding {name!r} is not supported (PEFT has neither)"
                     )
                 w = module.weight
                 A = torch.zeros(r, w.shape[0], dtype=w.dtype, device=w.device)  # PEFT: A = 0, B ~ N(0, 1)
                 B = torch.randn(w.shape[1], r, dtype=w.dtype, device=w.device)
                 sites[name] = LoraEmbedding(base, name, A, B, scaling)
             else:
-                sites[name] = LoraLayer(module, r, scaling, bool(full.get("use_dora")), cls._dtype(module))
+                layer = LoraLayer(module, r, scaling, bool(full.get("use_dora")), cls._dtype(module))
+                if full.get("lora_bias"):
+                    if module.bias is None:
+                        raise InvalidConfig(f"lora_bias needs a base bias; module {name!r} has none")
+                    layer.lora_B_bias = nn.Parameter(torch.zeros_like(module.bias, dtype=layer.lora_B.dtype))
+                sites[name] = layer
         build_sites(base, fresh_extras(base, full, set(names)), None, "new", sites, trainable=True)
         return cls(full, list(sites), list(sites.values()))
 
@@ -398,6 +363,16 @@ class LoraAdapter(AdapterModule):
                     m.to(dtype=dtype, device=device), requires_grad=False
                 )
             layer._norm, layer._norm_key = None, ()
+            layer.lora_B_bias = None
+            if BB_KEY in parts:
+                b = get(parts[BB_KEY])
+                if tuple(b.shape) != (d_out,) or module.bias is None:
+                    raise IncompatibleBase(
+                        f"adapter {adapter!r}: module {path!r} has {d_out} outputs "
+                        f"{'and a bias' if module.bias is not None else 'and no bias'}, the adapter's "
+                        f"lora_B.bias is {list(b.shape)} (PEFT's lora_bias needs a base bias)"
+                    )
+                layer.lora_B_bias = nn.Parameter(b.to(dtype=dtype, device=device), requires_grad=False)
             sites[path] = layer
         if not sites:
             raise IncompatibleBase(f"adapter {adapter!r} has no LoRA weights")
@@ -456,6 +431,8 @@ class LoraAdapter(AdapterModule):
                 out[f"{PREFIX}{path}.{B_KEY}"] = layer.lora_B.detach()
                 if layer.lora_magnitude_vector is not None:
                     out[f"{PREFIX}{path}.{M_KEY}"] = layer.lora_magnitude_vector.detach()
+                if layer.lora_B_bias is not None:
+                    out[f"{PREFIX}{path}.{BB_KEY}"] = layer.lora_B_bias.detach()
             elif isinstance(layer, LoraEmbedding):
                 out[f"{PREFIX}{path}.{EA_KEY}"] = layer.lora_embedding_A.detach()
                 out[f"{PREFIX}{path}.{EB_KEY}"] = layer.lora_embedding_B.detach()
@@ -464,34 +441,6 @@ class LoraAdapter(AdapterModule):
                 out.update(saved())
         out.update(self.kept)
         return out
-
-
-def fresh_extras(base: nn.Module, config: dict[str, Any], adapted: set[str]) -> list[ex.Extra]:
-    """What PEFT would save besides the factors for a fresh adapter with this config:
-    every `modules_to_save` module, and the biases `bias` names."""
-    try:
-        mts = ex.modules_to_save_of(config)
-        bias = ex.bias_mode(config) if config.get("peft_type", "LORA") == "LORA" else "none"
-    except InvalidArtifact as e:
-        raise InvalidConfig(str(e)) from None
-    out: list[ex.Extra] = []
-    saved: list[str] = []
-    for name, _ in base.named_modules():
-        if name and not any(name.startswith(s + ".") for s in saved) and any(name.endswith(t) for t in mts):
-            if name in adapted:
-                raise InvalidConfig(f"module {name!r} is both a target and in modules_to_save; choose one")
-            saved.append(name)
-            out.append(ex.Extra("", "module", name, ""))
-    if bias != "none":
-        for name, _ in base.named_parameters():
-            module, _, leaf = name.rpartition(".")
-            if leaf != "bias" or any(module == s or module.startswith(s + ".") for s in saved):
-                continue
-            if bias == "lora_only" and module not in adapted:
-                continue
-            key = f"{PREFIX}{module}.base_layer.bias" if module in adapted else f"{PREFIX}{module}.bias"
-            out.append(ex.Extra(key, "param", module, "bias"))
-    return out
 
 
 def default_config(config: dict[str, Any]) -> dict[str, Any]:

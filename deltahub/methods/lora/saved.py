@@ -30,9 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from deltahub.compose.inject import get_module
-from deltahub.errors import IncompatibleBase
+from deltahub.errors import IncompatibleBase, InvalidArtifact, InvalidConfig
 from deltahub.methods.common import SiteDelta
-from deltahub.methods.lora.extras import PREFIX, Extra
+from deltahub.methods.lora.extras import PREFIX, Extra, bias_mode, modules_to_save_of
 
 
 def _plain_copy(module: nn.Module) -> nn.Module:
@@ -279,3 +279,31 @@ def factor_layer(layer: SiteDelta) -> SiteDelta:
 
 def has_saved(layers: list[SiteDelta]) -> bool:
     return any(isinstance(layer, (SavedModule, SavedParams)) for layer in layers)
+
+
+def fresh_extras(base: nn.Module, config: dict[str, Any], adapted: set[str]) -> list[Extra]:
+    """What PEFT would save besides the factors for a fresh adapter with this config:
+    every `modules_to_save` module, and the biases `bias` names."""
+    try:
+        mts = modules_to_save_of(config)
+        bias = bias_mode(config) if config.get("peft_type", "LORA") == "LORA" else "none"
+    except InvalidArtifact as e:
+        raise InvalidConfig(str(e)) from None
+    out: list[Extra] = []
+    saved: list[str] = []
+    for name, _ in base.named_modules():
+        if name and not any(name.startswith(s + ".") for s in saved) and any(name.endswith(t) for t in mts):
+            if name in adapted:
+                raise InvalidConfig(f"module {name!r} is both a target and in modules_to_save; choose one")
+            saved.append(name)
+            out.append(Extra("", "module", name, ""))
+    if bias != "none":
+        for name, _ in base.named_parameters():
+            module, _, leaf = name.rpartition(".")
+            if leaf != "bias" or any(module == s or module.startswith(s + ".") for s in saved):
+                continue
+            if bias == "lora_only" and module not in adapted:
+                continue
+            key = f"{PREFIX}{module}.base_layer.bias" if module in adapted else f"{PREFIX}{module}.bias"
+            out.append(Extra(key, "param", module, "bias"))
+    return out

@@ -6,7 +6,11 @@ adapter_config.json is PEFT's LoraConfig: `{"peft_type": "LORA", "r": 8, "lora_a
 
     <m>.lora_A.weight (r_m, d_in)   <m>.lora_B.weight (d_out, r_m)   [<m>.lora_magnitude_vector (d_out,)]
 
-with r_m from `rank_pattern` (PEFT's lookup, `deltahub.patterns.pattern_value`), else `r`.
+with r_m from `rank_pattern` (PEFT's lookup, `deltahub.patterns.pattern_value`), else `r`;
+`<m>.lora_embedding_A` (r_m, V) / `<m>.lora_embedding_B` (d, r_m) on embeddings;
+`<m>.lora_B.bias` (d_out,) with `lora_bias`. Every other tensor must be one the config
+saves (`modules_to_save`, `bias`, embedding weights: `deltahub.methods.lora.extras`), and
+PEFT options deltahub cannot run exactly are refused here, at publish, by name.
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ __all__ = ["check_config", "lora_scaling", "module_of", "pattern_value", "unsupp
 # PEFT LoraConfig options that change what the adapter computes and that deltahub does
 # not run: refused at publish (and by `add_adapter`), naming the option.
 UNSUPPORTED_OPTIONS = {
-    "lora_bias": "a trained bias on lora_B (lora_bias)",
     "use_qalora": "QA-LoRA (use_qalora)",
     "use_bdlora": "BD-LoRA (use_bdlora)",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
@@ -54,6 +57,8 @@ UNSUPPORTED_OPTIONS = {
 def unsupported_option(config: dict[str, Any]) -> str | None:
     """A message naming the first PEFT option set in `config` that deltahub cannot run
     exactly, or None."""
+    if config.get("lora_bias") and config.get("use_dora"):
+        return "LoRA with both lora_bias and use_dora (DoRA) is not supported; retrain without one"
     for key, what in UNSUPPORTED_OPTIONS.items():
         value = config.get(key)
         if value not in (None, False, [], {}, ""):
@@ -112,6 +117,14 @@ def check_config(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> None
                     embedding.add(module)
                 break
         else:
+            if name.endswith(".lora_B.bias"):
+                if not config.get("lora_bias"):
+                    raise InvalidArtifact("config-shape", f"{name} is a lora_B bias but lora_bias is false")
+                if len(info.shape) != 1:
+                    raise InvalidArtifact(
+                        "shape-mismatch", f"{name} has shape {list(info.shape)}, expected 1-D"
+                    )
+                continue
             if name.endswith("." + MAGNITUDE):
                 if not config.get("use_dora"):
                     raise InvalidArtifact("config-shape", f"{name} is a DoRA magnitude but use_dora is false")
