@@ -242,6 +242,9 @@ class LoraAdapter(AdapterModule):
             # A saved head or bias replaces the base's: it has no meaning summed or stacked
             # with another adapter's, only alone or routed per row.
             self.supports = self.supports & frozenset({"route"})
+        if any(getattr(layer, "lora_B_bias", None) is not None for layer in layers):
+            # AdapterFusion folds LoRA as x A^T (s B)^T, with no place for a lora_B bias.
+            self.supports = self.supports - {"fuse"}
 
     @staticmethod
     def _check_config(config: dict[str, Any]) -> None:
