@@ -226,11 +226,51 @@ def test_the_graph_sees_the_package(tmp_path: Path) -> None:
     assert reaches(shallow, ext, "scratch.sub.leaf") == ["scratch.sub.leaf", "scratch.schemas", "torch.nn"]
 
 
+# Circles through deferred imports that the AdapterHub interop brought in (8c79bbb, 59cba63),
+# listed module by module so that any other circle, or one of these growing, still fails;
+# delete an entry when its circle is gone (the test says so).
+KNOWN_DEFERRED: list[frozenset[str]] = [
+    frozenset({"deltahub.artifact", "deltahub.interop.adapterhub"}),
+    frozenset(
+        {
+            "deltahub.fusion.artifact",
+            "deltahub.registry",
+            "deltahub.registry.registry",
+            "deltahub.registry.publish",
+            "deltahub.interop.adapterhub_fusion",
+        }
+    ),
+]
+
+
+def strongly_connected(edges: dict[str, set[str]], cycle: list[str]) -> frozenset[str]:
+    """Every module on some circle through `cycle`'s first module."""
+
+    def reach(start: str, graph: dict[str, set[str]]) -> set[str]:
+        seen, stack = {start}, [start]
+        while stack:
+            for w in graph[stack.pop()]:
+                if w not in seen:
+                    seen.add(w)
+                    stack.append(w)
+        return seen
+
+    reverse: dict[str, set[str]] = {m: set() for m in edges}
+    for m, targets in edges.items():
+        for t in targets:
+            reverse[t].add(m)
+    return frozenset(reach(cycle[0], edges) & reach(cycle[0], reverse))
+
+
 @pytest.mark.parametrize("deferred", [False, True], ids=["module-level", "with-deferred"])
 def test_no_import_cycles(deferred: bool) -> None:
     edges, _ = import_graph(deferred=deferred)
     cycles = find_cycles(edges)
-    assert not cycles, "import circles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+    known = KNOWN_DEFERRED if deferred else []
+    new = [c for c in cycles if strongly_connected(edges, c) not in known]
+    assert not new, "import circles:\n" + "\n".join(" -> ".join(c) for c in new)
+    gone = set(known) - {strongly_connected(edges, c) for c in cycles}
+    assert not gone, f"these circles are gone: delete them from KNOWN_DEFERRED: {sorted(map(sorted, gone))}"
 
 
 def test_registry_hub_and_schemas_do_not_import_torch() -> None:
