@@ -77,9 +77,9 @@ def _load_builtins() -> None:
     # no edit anywhere else.
     global _builtins_loaded
     if not _builtins_loaded:
-        _builtins_loaded = True
         for module in builtin_folders():
             importlib.import_module(module)
+        _builtins_loaded = True  # only once all imported: a failing folder fails every lookup
 
 
 def _resolve(ref: Any) -> Any:
