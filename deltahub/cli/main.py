@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "deltahub.cli.train_cmds",
     "deltahub.cli.compose_cmds",
     "deltahub.cli.quickstart_cmd",
+    "deltahub.cli.serving_cmds",
 ]
 
 

@@ -221,6 +221,9 @@ def show(ref: str, show_versions: bool, limit: int, cursor: str | None, as_json:
             click.echo(f"{key:<{width}}  {value}")
     for fname, digest in sorted(v.files.items()):
         click.echo(f"{'file':<{width}}  {fname}  {digest[:19]}")
+    from deltahub.serving.rules import check_servable
+
+    click.echo(f"{'servable on vllm':<{width}}  {check_servable(registry.open(v), 'vllm').summary()}")
     attention = (manifest.extra.get("fusion") or {}).get("attention") or {}
     for name, value in attention.items():  # a fusion: mean attention per adapter on the eval set
         click.echo(f"{'attention':<{width}}  {name}  {value:.3f}")
@@ -262,16 +265,48 @@ def tag(ref: str, tag: str, delete: bool) -> None:
 @click.option(
     "--model-type", help="With --format adapterhub: the base's model type, when the adapter does not tell."
 )
+@click.option(
+    "--target",
+    type=click.Choice(["vllm", "lorax", "peft"]),
+    help="Write only what this engine loads; refuse naming the rule otherwise (see `deltahub check`).",
+)
+@click.option(
+    "--convert",
+    is_flag=True,
+    help="With --target: turn DoRA / IA3 / a too-high rank into a plain LoRA by SVD (needs --base).",
+)
+@click.option(
+    "--rank", type=click.IntRange(min=1), help="With --convert: the LoRA's rank (default: the adapter's)."
+)
+@click.option("--json", "as_json", is_flag=True, help="With --target: print the report as JSON.")
 @handle_errors
 def export(
-    ref: str, directory: str, merged: bool, base: str | None, fmt: str, model_type: str | None
+    ref: str,
+    directory: str,
+    merged: bool,
+    base: str | None,
+    fmt: str,
+    model_type: str | None,
+    target: str | None,
+    convert: bool,
+    rank: int | None,
+    as_json: bool,
 ) -> None:
     """Write a version out as an artifact DIRECTORY, byte-identical to what was published.
 
     With --merged --base PATH: a transformers model directory (safetensors) of the base
     with the adapter merged, for serving without deltahub. With --format adapterhub: an
-    AdapterHub adapter directory (bottleneck, LoRA, IA3) with the same outputs.
+    AdapterHub adapter directory (bottleneck, LoRA, IA3) with the same outputs. With
+    --target vllm: the directory vLLM loads, or a refusal naming the rule; --convert
+    --base BASE [--rank R] writes a plain LoRA by SVD of the exact update and reports its error.
     """
+    if target or convert or rank:
+        if not target or merged or fmt != "deltahub":
+            raise click.UsageError("--convert and --rank go with --target (not --merged or --format)")
+        from deltahub.cli.serving_cmds import print_export
+
+        print_export(ref, directory, target, convert, rank, base, as_json)
+        return
     if fmt == "adapterhub":
         if merged or base:
             raise click.UsageError("--format adapterhub exports the adapter itself, not --merged")
