@@ -9,12 +9,16 @@ self-hosted deltahub. The mapping:
                  is a prefix of the version digest (the Hub's commit ids are 40 hex digits)
     token        the usual bearer token (`HF_TOKEN=dh_...`)
 
-    GET      /api/models/{repo}/revision/{rev}      repo info: "sha" (the commit), "siblings"
+    GET      /api/models/{repo}[/revision/{rev}]    repo info: "sha" (the commit), "siblings"
     GET      /api/models/{repo}/tree/{rev}          the file listing snapshot_download reads
     HEAD/GET /{repo}/resolve/{rev}/{filename}       file bytes, with the headers
                                                     file_download.get_hf_file_metadata reads:
-                                                    X-Repo-Commit, ETag (the blob's sha256,
-                                                    as the Hub gives LFS files), Content-Length
+                                                    X-Repo-Commit, ETag and X-Linked-Etag (the
+                                                    blob's sha256, as the Hub gives LFS files),
+                                                    Content-Length and X-Linked-Size
+
+A revision may also be the version's digest itself (`sha256:<64 hex>` or the 64 hex), so a
+client pins exactly the bytes deltahub pinned; tree entries carry `lfs.sha256` likewise.
 
 Blobs are served as on `/v1/blobs` (verified against their digest first; see blobs.py).
 Errors carry `X-Error-Code` (RepoNotFound, RevisionNotFound, EntryNotFound) so the HF
@@ -45,7 +49,7 @@ def commit_of(v: Version) -> str:
 def _resolve(request: Request) -> Version:
     hub = hub_state(request)
     repo = request.path_params["repo"]
-    rev = request.path_params["rev"]
+    rev = request.path_params.get("rev", "main")
     try:
         check_name(repo)
     except InvalidRef:
@@ -54,7 +58,7 @@ def _resolve(request: Request) -> Version:
     reg = hub.registry_for_thread()
     if rev == "main":
         selector = "latest"
-    elif len(rev) == COMMIT_HEX and all(c in "0123456789abcdef" for c in rev):
+    elif len(rev) in (COMMIT_HEX, 64) and all(c in "0123456789abcdef" for c in rev):
         selector = "sha256:" + rev
     else:
         selector = rev
@@ -107,7 +111,13 @@ def repo_tree(request: Request) -> Response:
     sizes = _sizes(request, v)
     return StrictJSONResponse(
         [
-            {"type": "file", "path": f, "size": sizes[f], "oid": v.files[f].split(":", 1)[1][:COMMIT_HEX]}
+            {
+                "type": "file",
+                "path": f,
+                "size": sizes[f],
+                "oid": v.files[f].split(":", 1)[1][:COMMIT_HEX],
+                "lfs": {"oid": v.files[f].split(":", 1)[1], "size": sizes[f], "pointerSize": 134},
+            }
             for f in sorted(v.files)
         ]
     )
@@ -123,6 +133,9 @@ def resolve_file(request: Request) -> Response:
             f"{v.ref} has no file {filename!r} (it has {', '.join(sorted(v.files))})",
             headers,
         )
+    # What get_hf_file_metadata reads first (the Hub sends them for LFS files, which may redirect).
+    headers["X-Linked-Etag"] = f'"{v.files[filename].split(":", 1)[1]}"'
+    headers["X-Linked-Size"] = str(_sizes(request, v)[filename])
     return blob_response(hub_state(request), v.files[filename], headers)
 
 
@@ -131,5 +144,6 @@ def routes() -> list[BaseRoute]:
         Route("/api/models/{repo:path}/revision/{rev}", repo_info),
         Route("/api/models/{repo:path}/tree/{rev}", repo_tree),
         Route("/api/models/{repo:path}/tree/{rev}/{sub:path}", repo_tree),
+        Route("/api/models/{repo:path}", repo_info),  # no revision: main (latest)
         Route("/{repo:path}/resolve/{rev}/{filename}", resolve_file, methods=["GET", "HEAD"]),
     ]
