@@ -1,4 +1,12 @@
-"""Fixtures for the hub tests: a real server on 127.0.0.1, tokens of every kind, adapters."""
+"""Fixtures for the hub tests: a real server on 127.0.0.1, tokens of every kind, adapters.
+
+Back-ends: `BACKENDS` names the storage a hub runs on: "embedded" (the home's SQLite
+files and blob directory, `deltahub serve` with no flags) and "postgres+s3" (a fresh
+database on the tests' PostgreSQL cluster and a fresh bucket on moto's S3 server, from
+tests/hub_services.py; skipped, with the reason, where those engines are absent). A test
+module parametrizes its `hub` fixture with `params=BACKENDS` and uses the `Hub` methods
+below (has_blob, corrupt_blob, verify) instead of reaching into a home.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,21 +49,78 @@ def lora_dir(path: Path, seed: int = 0, r: int = 4, layers: int = 2) -> Path:
     return af.write_dir(path, tensors, config)
 
 
+BACKENDS = ["embedded", "postgres+s3"]
+
+
+def backend_stores(backend: str) -> dict[str, Any]:
+    """`create_app` keywords for a fresh store of this back-end ({} for the embedded one)."""
+    if backend == "embedded":
+        return {}
+    from tests.hub_services import fresh_bucket, fresh_database, s3_endpoint
+
+    db = fresh_database()
+    return {"db": db, "blobs": fresh_bucket(), "s3_endpoint_url": s3_endpoint()}
+
+
 @dataclass
 class Hub:
-    """A running hub: its URL, home, and one token of each kind."""
+    """A running hub: its URL, home, one token of each kind, and the stores it runs on."""
 
     url: str
     home: Path
     server: ServerThread
     tokens: dict[str, str]
+    backend: str = "embedded"
+    stores: dict[str, Any] = field(default_factory=dict)
 
     def registry(self) -> Registry:
+        """The embedded hub's registry (its home): only for tests of that back-end."""
+        assert self.backend == "embedded", "only the embedded hub has a registry home"
         return Registry(self.home)
 
+    def open_stores(self) -> Any:
+        from deltahub.hub.admin import open_stores
 
-def make_tokens(home: Path) -> dict[str, str]:
-    store = TokenStore(home)
+        s = self.stores
+        return open_stores(s.get("db"), s.get("blobs"), self.home, s3_endpoint_url=s.get("s3_endpoint_url"))
+
+    def has_blob(self, digest: str) -> bool:
+        return self.server.app.state.hub.store.has(digest)
+
+    def corrupt_blob(self, digest: str) -> None:
+        """Flip one byte of a stored blob in place, under its digest (a disk or bucket gone bad)."""
+        store = self.server.app.state.hub.store
+        if store.kind == "local":
+            path = store.path(digest)
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            path.write_bytes(bytes(data))
+        else:
+            data = bytearray(b"".join(store.chunks(digest)))
+            data[len(data) // 2] ^= 0xFF
+            store.s3.put_object(Bucket=store.bucket, Key=store.key(digest), Body=bytes(data))
+
+    def verify(self) -> Any:
+        from deltahub.hub.admin import verify_hub
+
+        stores = self.open_stores()
+        try:
+            return verify_hub(stores)
+        finally:
+            stores.close()
+
+
+def token_store(home: Path, stores: dict[str, Any] | None = None) -> Any:
+    """The token store of a hub: hub.db in its home, or its PostgreSQL database."""
+    if stores and stores.get("db"):
+        from deltahub.hub.pgmeta import PostgresMeta
+
+        return PostgresMeta(stores["db"]).handle().tokens
+    return TokenStore(home)
+
+
+def make_tokens(home: Path, stores: dict[str, Any] | None = None) -> dict[str, str]:
+    store = token_store(home, stores)
     tokens = {
         "read": store.create("read")[0],
         "write": store.create("write", namespace="team")[0],
@@ -66,20 +131,25 @@ def make_tokens(home: Path) -> dict[str, str]:
     store.revoke(info.id)
     tokens["revoked"] = revoked
     expired, info = store.create("write", expires_days=1)
-    with store.db.conn:  # an hour in the past: the check must use the clock, not just the row
-        store.db["tokens"].update(info.id, {"expires": time.time() - 3600})
+    # an hour in the past: the check must use the clock, not just the row
+    store._update(info.id, {"expires": time.time() - 3600})
     tokens["expired"] = expired
     store.close()
     return tokens
 
 
-def start_hub(tmp_path: Path) -> Iterator[Hub]:
-    """A hub server for one test; use as `yield from start_hub(tmp_path)` in a fixture."""
+def start_hub(tmp_path: Path, backend: str = "embedded", **kw: Any) -> Iterator[Hub]:
+    """A hub server for one test; use as `yield from start_hub(tmp_path)` in a fixture.
+
+    `kw` go to `ServerThread` (e.g. `redirect_downloads=True`, `public_read=True`).
+    """
     home = tmp_path / "server-home"
-    Registry(home).close()
-    tokens = make_tokens(home)
-    with ServerThread(home) as server:
-        yield Hub(server.url, home, server, tokens)
+    stores = backend_stores(backend)
+    if not stores:
+        Registry(home).close()
+    tokens = make_tokens(home, stores)
+    with ServerThread(home, **stores, **kw) as server:
+        yield Hub(server.url, home, server, tokens, backend, stores)
 
 
 def published(home: Path, name: str = "team/alpha", seed: int = 0, **kw: object) -> Registry:

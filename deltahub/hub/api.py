@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -116,7 +117,9 @@ def get_manifest(request: Request) -> Response:
     hub = hub_state(request)
     ref = parse_ref(request.path_params["ref"])
     hub.authorize(request, "read", ref.full_name)
-    return StrictJSONResponse(hub.registry_for_thread().manifest(ref).to_dict())
+    v = hub.registry_for_thread().resolve(ref)
+    data = json.loads(hub.store.read_bytes(v.files[af.MANIFEST_FILE]))
+    return StrictJSONResponse(af.Manifest.from_dict(data).to_dict())
 
 
 def whoami(request: Request) -> Response:
@@ -134,9 +137,8 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(name)
 
 
-def _check_strict_json(hub: HubState, fname: str, digest: str) -> None:
+def _check_strict_json(fname: str, path: Path) -> None:
     """A stored JSON file of a commit must parse as strict JSON (no NaN/Infinity)."""
-    path = hub.store.path(digest)
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise InvalidArtifact("json-size", f"{fname} is over {MAX_CONFIG_BYTES} bytes")
     try:
@@ -166,27 +168,54 @@ def _commit(
         raise MissingBlobs(missing)
     if af.MANIFEST_FILE not in files:
         raise InvalidArtifact("missing-file", f"a committed version needs its {af.MANIFEST_FILE}")
-    for fname, digest in files.items():
-        if fname.endswith(".json"):
-            _check_strict_json(hub, fname, digest)
-    manifest = af.Manifest.from_dict(
-        af.read_json_file(hub.store.path(files[af.MANIFEST_FILE]), af.MAX_MANIFEST_BYTES, "manifest-json")
-    )
-    if manifest.name != name:
-        raise InvalidArtifact("manifest-schema", f"the manifest names {manifest.name!r}, the URL {name!r}")
-    try:  # serialize what the version row will hold before anything is committed
-        encode_json(manifest.to_dict())
-    except ValueError:
-        raise InvalidArtifact("non-finite", "the manifest holds NaN or infinity (JSON has neither)") from None
-    existed = True
-    if manifest.version is not None:
-        try:
-            reg.resolve(f"{name}@{manifest.version}")
-        except (NotFound, InvalidRef):
-            existed = False
-    v = reg.commit(files, tags)
+    with hub.store.local_files(files) as paths:
+        for fname, path in paths.items():
+            if fname.endswith(".json"):
+                _check_strict_json(fname, path)
+        manifest = af.Manifest.from_dict(
+            af.read_json_file(paths[af.MANIFEST_FILE], af.MAX_MANIFEST_BYTES, "manifest-json")
+        )
+        if manifest.name != name:
+            raise InvalidArtifact(
+                "manifest-schema", f"the manifest names {manifest.name!r}, the URL {name!r}"
+            )
+        try:  # serialize what the version row will hold before anything is committed
+            encode_json(manifest.to_dict())
+        except ValueError:
+            raise InvalidArtifact(
+                "non-finite", "the manifest holds NaN or infinity (JSON has neither)"
+            ) from None
+        before = {t: _tagged(reg, name, t) for t in tags}
+        v, created = reg.commit(files, paths, tags)
     hub.link_blobs(name, list(files.values()))
-    return _version_dict(v), not existed
+    if created:
+        hub.webhooks.emit(
+            "version.published", name, {"version": v.version, "digest": v.digest, "tags": list(v.tags)}
+        )
+    for tag, previous in before.items():
+        if previous != v.version:
+            _emit_tag(hub, name, tag, v.version, previous, v.digest)
+    return _version_dict(v), created
+
+
+def _tagged(reg: Any, name: str, tag: str) -> str | None:
+    try:
+        return reg.resolve(f"{name}@{tag}").version
+    except (NotFound, InvalidRef):
+        return None
+
+
+def _emit_tag(hub: HubState, name: str, tag: str, version: str, previous: str | None, digest: str) -> None:
+    hub.webhooks.emit(
+        "tag.moved", name, {"tag": tag, "version": version, "previous": previous, "digest": digest}
+    )
+
+
+def _move_tag(hub: HubState, name: str, selector: str, tag: str) -> dict[str, Any]:
+    v, previous = hub.registry_for_thread().tag(name, selector, tag)
+    if previous != v.version:
+        _emit_tag(hub, name, tag, v.version, previous, v.digest)
+    return _version_dict(v)
 
 
 async def commit_version(request: Request) -> Response:
@@ -216,5 +245,4 @@ async def move_tag(request: Request) -> Response:
     selector = body.get("ref")
     if not isinstance(selector, str) or not selector:
         raise InvalidConfig('body needs "ref": a version, tag or sha256 digest of this adapter')
-    v = await run_in_threadpool(lambda: hub.registry_for_thread().tag(f"{name}@{selector}", tag))
-    return StrictJSONResponse(_version_dict(v))
+    return StrictJSONResponse(await run_in_threadpool(_move_tag, hub, name, selector, tag))

@@ -3,22 +3,22 @@
     HEAD/GET /v1/blobs/{digest}                   blob bytes                      read
     PUT      /v1/adapters/{name}/blobs/{digest}   upload; re-hashed, mismatch 400 write
 
-Uploads stream from the socket straight into `BlobStore.put_stream` (hash while writing,
-fsync, rename), so a blob is never held whole in memory and is visible only once its
+Uploads stream from the socket straight into the blob store's `put_stream` (hash while
+writing; land under the digest only if it matches), so a blob is never held whole in memory and is visible only once its
 bytes match the digest in the URL. An upload links the blob to the adapter's namespace.
 
 A namespaced token reads and HEADs only blobs linked to its namespace; any other digest
 answers 404, exactly as an absent one, so existence leaks nothing (`HubState.can_use_blob`).
 
-Before a blob is served, its (inode, size, mtime, ctime) is compared with those of its
-last successful hash check (hub.db `blob_checks`); if anything changed, the file is
-hashed again, and a blob whose bytes no longer match its digest is never served: the
-answer is a 500 (details, with the path, in the server log).
+Before a local blob is served, its (inode, size, mtime, ctime) is compared with those of
+its last successful hash check (`blob_checks` in the metadata store); if anything
+changed, the file is hashed again, and a blob whose bytes no longer match its digest is
+never served: the answer is a 500 (details, with the path, in the server log). Where
+the blobs live on S3 they stream through, or redirect to a presigned URL (blobstores.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,14 +27,13 @@ import anyio
 import anyio.from_thread
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response
+from starlette.responses import Response
 
 from deltahub.errors import InvalidConfig, NotFound
-from deltahub.hub import hubdb
-from deltahub.hub.responses import CorruptBlob, PayloadTooLarge, StrictJSONResponse, log
+from deltahub.hub.responses import PayloadTooLarge, StrictJSONResponse
 from deltahub.hub.state import HubState, hub_state
 from deltahub.registry.refs import check_name
-from deltahub.registry.store import check_digest, sha256_file
+from deltahub.registry.store import check_digest
 
 BODY_IDLE_TIMEOUT_S = 60.0  # an upload that sends nothing for this long is dropped
 
@@ -74,58 +73,23 @@ class _BodyReader:
             return chunk
 
 
-def _stat_key(st: os.stat_result) -> hubdb.StatKey:
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
 def verified_path(hub: HubState, digest: str) -> tuple[Path, os.stat_result]:
-    """The path of a stored blob whose bytes hash to `digest`, re-hashed if it changed.
-
-    `NotFound` if absent; `CorruptBlob` (logged with its path) if the bytes do not match.
-    """
-    path = hub.store.path(digest)
-    try:
-        before = path.stat()
-    except FileNotFoundError:
-        raise NotFound(f"blob {digest} is not on this hub") from None
-    db = hub.hubdb()
-    if hubdb.checked_key(db, digest) == _stat_key(before):
-        return path, before
-    try:
-        actual = sha256_file(path)
-        after = path.stat()
-    except OSError as e:
-        log.error("blob %s at %s cannot be read: %s", digest, path, e)
-        raise CorruptBlob(f"blob {digest} is unreadable on this hub; not served") from None
-    if actual != digest:
-        log.error(
-            "blob %s at %s hashes to %s: not served (restore it or run `deltahub verify`)",
-            digest,
-            path,
-            actual,
-        )
-        raise CorruptBlob(f"blob {digest} is corrupt on this hub (its bytes no longer match); not served")
-    if _stat_key(after) == _stat_key(before):  # unchanged while hashing: remember the check
-        hubdb.record_check(db, digest, _stat_key(after))
-    return path, after
+    """The path of a local blob whose bytes hash to `digest` (see `LocalBlobs.verified`)."""
+    return hub.store.verified(digest)
 
 
-def blob_response(hub: HubState, digest: str, headers: dict[str, str] | None = None) -> Response:
+def blob_response(
+    hub: HubState, digest: str, headers: dict[str, str] | None = None, request: Request | None = None
+) -> Response:
     """The bytes of a verified blob (GET, HEAD, Range), with content-addressed caching.
 
     Cacheable for a year by anyone on a public-read hub; otherwise `private`, so a
-    shared cache never hands a token-protected blob to another client.
+    shared cache never hands a token-protected blob to another client. An S3 store with
+    `--redirect-downloads` answers a GET with a 302 to a presigned URL instead.
     """
-    path, stat = verified_path(hub, digest)
-    visibility = "public" if hub.public_read else "private"
-    base = {
-        "ETag": f'"{digest.split(":", 1)[1]}"',
-        "X-Content-Digest": digest,
-        "Cache-Control": f"{visibility}, max-age=31536000, immutable",  # content-addressed
-    }
-    return FileResponse(
-        path, stat_result=stat, media_type="application/octet-stream", headers={**base, **(headers or {})}
-    )
+    method = request.method if request is not None else "GET"
+    range_header = request.headers.get("range") if request is not None else None
+    return hub.store.response(digest, method, hub.public_read, headers, range_header)
 
 
 def get_blob(request: Request) -> Response:
@@ -134,13 +98,11 @@ def get_blob(request: Request) -> Response:
     info = hub.authorize(request, "read")
     if not hub.can_use_blob(info, digest):
         raise NotFound(f"blob {digest} is not on this hub")
-    return blob_response(hub, digest)
+    return blob_response(hub, digest, request=request)
 
 
 def _store_upload(hub: HubState, reader: _BodyReader, name: str, digest: str) -> tuple[str, int]:
     stored, size = hub.store.put_stream(reader, digest)
-    with contextlib.suppress(OSError):  # gc raced us; the next serve re-hashes
-        hubdb.record_check(hub.hubdb(), stored, _stat_key(hub.store.path(stored).stat()))
     hub.link_blobs(name, [stored])
     return stored, size
 

@@ -81,8 +81,8 @@ def _sizes(request: Request, v: Version) -> dict[str, int]:
     sizes = {}
     for f, d in v.files.items():
         try:
-            sizes[f] = store.path(d).stat().st_size
-        except OSError as e:
+            sizes[f] = store.size(d)
+        except (OSError, NotFound) as e:
             log.error("blob %s of %s (%s) cannot be read: %s", d, v.ref, f, e)
             raise CorruptBlob(f"a blob of {v.ref} is missing") from None
     return sizes
@@ -136,7 +136,7 @@ def resolve_file(request: Request) -> Response:
     # What get_hf_file_metadata reads first (the Hub sends them for LFS files, which may redirect).
     headers["X-Linked-Etag"] = f'"{v.files[filename].split(":", 1)[1]}"'
     headers["X-Linked-Size"] = str(_sizes(request, v)[filename])
-    return blob_response(hub_state(request), v.files[filename], headers)
+    return blob_response(hub_state(request), v.files[filename], headers, request)
 
 
 def routes() -> list[BaseRoute]:

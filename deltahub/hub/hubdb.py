@@ -10,6 +10,8 @@ Schema by sqlite-utils `Migrations` ("deltahub.hub"):
     blob_checks   digest -> the (inode, size, mtime, ctime) at which its bytes last hashed
                   to the digest; a blob is re-hashed before it is served whenever these
                   change (see blobs.verified_path).
+    webhooks      URL, events, namespace and signing secret of each webhook (webhooks.py)
+    deliveries    the delivery log: one row per delivery, its last status and attempts
 """
 
 from __future__ import annotations
@@ -112,3 +114,28 @@ def record_check(db: Database, digest: str, key: StatKey) -> None:
             " values (?, ?, ?, ?, ?, ?)",
             [digest, *key, time.time()],
         )
+
+
+@migrations()
+def m003_webhooks(db: Database) -> None:
+    """Webhooks (see webhooks.py) and the log of their deliveries."""
+    db["webhooks"].create(
+        {"id": int, "url": str, "events": str, "namespace": str, "secret": str, "created": float},
+        pk="id",
+        not_null={"url", "events", "secret", "created"},
+    )
+    db["deliveries"].create(
+        {
+            "id": int,
+            "hook_id": int,
+            "event": str,
+            "delivery": str,
+            "url": str,
+            "status": int,
+            "ok": int,
+            "attempts": int,
+            "error": str,
+            "at": float,
+        },
+        pk="id",
+    )

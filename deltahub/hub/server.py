@@ -35,7 +35,8 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from deltahub.errors import DeltahubError, Unsupported
-from deltahub.hub import api, blobs, hf_routes
+from deltahub.hub import api, hf_routes
+from deltahub.hub import blobs as blob_routes
 from deltahub.hub.auth import AuthThrottle
 from deltahub.hub.remotes import is_loopback
 from deltahub.hub.responses import deltahub_error, http_error, internal_error
@@ -102,24 +103,41 @@ def create_app(
     public_read: bool = False,
     max_blob_bytes: int = MAX_BLOB_BYTES,
     throttle: AuthThrottle | None = None,
+    db: str | None = None,
+    blobs: str | None = None,
+    s3_endpoint_url: str | None = None,
+    redirect_downloads: bool = False,
 ) -> Starlette:
-    """The ASGI app serving the registry at `home` (default `$DELTAHUB_HOME`)."""
+    """The ASGI app serving the registry at `home` (default `$DELTAHUB_HOME`).
+
+    `db` (`sqlite:///PATH` or `postgresql://...`) and `blobs` (a directory or
+    `s3://BUCKET/PREFIX`) move the metadata and the blobs out of the home: see meta.py
+    and blobstores.py. Several processes may serve one PostgreSQL database and one bucket.
+    """
+    s3 = (
+        {"endpoint_url": s3_endpoint_url, "redirect": redirect_downloads}
+        if blobs and blobs.startswith("s3://")
+        else {}
+    )
     hub = HubState(
         Path(home) if home is not None else default_home(),
         public_read,
         max_blob_bytes,
         throttle or AuthThrottle(),
+        db_url=db,
+        blobs_url=blobs,
+        s3=s3,
     )
     routes = [
         Route("/v1/auth", api.whoami),
         Route("/v1/adapters", api.list_adapters),
         Route("/v1/adapters/{name:path}/versions", api.list_versions, methods=["GET"]),
         Route("/v1/adapters/{name:path}/versions", api.commit_version, methods=["POST"]),
-        Route("/v1/adapters/{name:path}/blobs/{digest}", blobs.put_blob, methods=["PUT"]),
+        Route("/v1/adapters/{name:path}/blobs/{digest}", blob_routes.put_blob, methods=["PUT"]),
         Route("/v1/adapters/{name:path}/tags/{tag}", api.move_tag, methods=["PUT"]),
         Route("/v1/resolve/{ref:path}", api.resolve_ref),
         Route("/v1/manifest/{ref:path}", api.get_manifest),
-        Route("/v1/blobs/{digest}", blobs.get_blob, methods=["GET", "HEAD"]),
+        Route("/v1/blobs/{digest}", blob_routes.get_blob, methods=["GET", "HEAD"]),
         *hf_routes.routes(),
     ]
     app = Starlette(
@@ -232,14 +250,22 @@ def serve(
     public_read: bool = False,
     allow_insecure_http: bool = False,
     log_level: str = "info",
+    stores: dict[str, Any] | None = None,
     **limits: Any,
 ) -> None:
-    """Run the hub server in the foreground until interrupted (`limits`: see `uvicorn_config`)."""
+    """Run the hub server in the foreground until interrupted.
+
+    `stores`: `create_app`'s db / blobs / s3_endpoint_url / redirect_downloads;
+    `limits`: see `uvicorn_config`.
+    """
     import uvicorn
 
     check_bind(host, allow_insecure_http)
-    app = create_app(home, public_read=public_read)
-    uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=log_level, **limits)).run()
+    app = create_app(home, public_read=public_read, **(stores or {}))
+    try:
+        uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=log_level, **limits)).run()
+    finally:
+        app.state.hub.close()
 
 
 class ServerThread:
@@ -283,6 +309,7 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.sock.close()
+        self.app.state.hub.close()
 
     def __enter__(self) -> ServerThread:
         return self.start()

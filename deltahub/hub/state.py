@@ -1,27 +1,24 @@
-"""What every request handler shares: the home, per-thread handles, the access policy.
+"""What every request handler shares: the stores, per-thread handles, the access policy.
 
-A sqlite connection is not for concurrent use, and Starlette runs sync work in a thread
-pool: each worker thread opens its own `Registry` and `TokenStore` (threading.local);
-the token store's connection to `hub.db` also serves the blob links and checks.
+The metadata store (meta.py: the embedded SQLite registry + hub.db, or PostgreSQL) hands
+each worker thread its own connection (`registry_for_thread()`); the blob store
+(blobstores.py: a local directory, or S3) is shared. Webhook deliveries run on their own
+thread (webhooks.py), never in a request.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from sqlite_utils import Database
 from starlette.requests import Request
 
-from deltahub.errors import AuthError
-from deltahub.hub import hubdb
+from deltahub.errors import AuthError, InvalidConfig
 from deltahub.hub.auth import AuthThrottle, bearer_token, client_of
 from deltahub.hub.responses import Forbidden
-from deltahub.hub.tokens import ThreadLocalTokens, TokenInfo
-from deltahub.registry import Registry
+from deltahub.hub.tokens import TokenInfo
 from deltahub.registry.refs import check_name
-from deltahub.registry.store import BlobStore
 
 MAX_BLOB_BYTES = 16 << 30  # a LoRA of a 70B model at high rank stays well below this
 
@@ -34,33 +31,47 @@ def namespace_of(full_name: str) -> str:
 
 @dataclass
 class HubState:
-    """The hub's shared state; `authorize` and `can_use_blob` are its access policy."""
+    """The hub's shared state; `authorize` and `can_use_blob` are its access policy.
+
+    `db_url` / `blobs_url` pick the stores (none: the embedded ones in `home`); `s3`
+    holds the S3 options (`endpoint_url`, `redirect`).
+    """
 
     home: Path
     public_read: bool = False
     max_blob_bytes: int = MAX_BLOB_BYTES
     throttle: AuthThrottle = field(default_factory=AuthThrottle)
-    store: BlobStore = field(init=False)
-    tokens: ThreadLocalTokens = field(init=False)
+    db_url: str | None = None
+    blobs_url: str | None = None
+    s3: dict[str, Any] = field(default_factory=dict)
+    meta: Any = field(init=False)
+    store: Any = field(init=False)
+    webhooks: Any = field(init=False)
     hidden_paths: tuple[str, ...] = field(init=False)
-    _local: threading.local = field(init=False, default_factory=threading.local)
 
     def __post_init__(self) -> None:
-        self.registry_for_thread()  # create the home and apply migrations once, up front
-        self.store = BlobStore(self.home)
-        self.tokens = ThreadLocalTokens(self.home)
-        self.tokens.get()
-        paths = {str(self.home), str(self.home.resolve())}
+        from deltahub.hub.blobstores import open_blobs
+        from deltahub.hub.meta import open_meta
+        from deltahub.hub.webhooks import Dispatcher
+
+        self.meta = open_meta(self.db_url, self.home)
+        if self.meta.url.startswith("sqlite:") and self.blobs_url and self.blobs_url.startswith("s3://"):
+            raise InvalidConfig(
+                "S3 blobs need the PostgreSQL metadata store (--db postgresql://...): the embedded "
+                "registry reads its blobs from its home"
+            )
+        home = getattr(self.meta, "home", self.home)
+        self.store = open_blobs(self.blobs_url, home, self.meta, **self.s3)
+        self.webhooks = Dispatcher(self.meta)
+        paths = {str(self.home), str(self.home.resolve()), str(getattr(self.store, "root", self.home))}
         self.hidden_paths = tuple(sorted(paths, key=len, reverse=True))
 
-    def registry_for_thread(self) -> Registry:
-        reg = getattr(self._local, "registry", None)
-        if reg is None:
-            reg = self._local.registry = Registry(self.home)
-        return reg
+    def registry_for_thread(self) -> Any:
+        """This thread's metadata handle (list, search, versions, resolve, commit, tag, ...)."""
+        return self.meta.handle()
 
-    def hubdb(self) -> Database:
-        return self.tokens.get().db
+    def tokens_for_thread(self) -> Any:
+        return self.meta.handle().tokens
 
     def authenticate(self, request: Request) -> TokenInfo:
         """The presented token's record; failures count against the client's back-off."""
@@ -68,7 +79,7 @@ class HubState:
         self.throttle.check(client)
         token = bearer_token(request)
         try:
-            return self.tokens.get().check(token)
+            return self.tokens_for_thread().check(token)
         except AuthError:
             if token:
                 self.throttle.failed(client)
@@ -96,18 +107,14 @@ class HubState:
         """
         if info is None or info.namespace is None:
             return True
-        if hubdb.is_linked(self.hubdb(), info.namespace, digest):
-            return True
-        # Versions committed without the hub (a publish or pull into the hub's home).
-        found = self.registry_for_thread().db.execute(
-            "select 1 from files f join versions v on v.id = f.version_id"
-            " where f.blob = ? and v.namespace = ? limit 1",
-            [digest, info.namespace],
-        )
-        return found.fetchone() is not None
+        return self.registry_for_thread().namespace_uses(info.namespace, digest)
 
     def link_blobs(self, full_name: str, digests: list[str]) -> None:
-        hubdb.link(self.hubdb(), namespace_of(full_name), digests)
+        self.registry_for_thread().link(namespace_of(full_name), digests)
+
+    def close(self) -> None:
+        self.webhooks.stop()
+        self.meta.close()
 
 
 def hub_state(request: Request) -> HubState:

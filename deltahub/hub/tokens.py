@@ -126,12 +126,11 @@ class TokenStore:
             "expires": now + expires_days * 86400 if expires_days is not None else None,
             "revoked": None,
         }
-        with self.db.conn:
-            pk = self.db["tokens"].insert(row).last_pk
-        return token, self._info(self.db["tokens"].get(pk))
+        pk = self._insert(row)
+        return token, self._info(self._get(pk))
 
     def list(self) -> list[TokenInfo]:
-        return [self._info(r) for r in self.db["tokens"].rows_where(order_by="id")]
+        return [self._info(r) for r in self._rows()]
 
     def revoke(self, token_id: int | str) -> TokenInfo:
         """Revoke by numeric id, by the exact prefix `token list` shows, or by the token."""
@@ -139,9 +138,8 @@ class TokenStore:
         if len(rows) != 1:
             what = "no token" if not rows else "several tokens"
             raise NotFound(f"{what} match {token_id!r}; give the id from `deltahub token list`")
-        with self.db.conn:
-            self.db["tokens"].update(rows[0]["id"], {"revoked": time.time()})
-        return self._info(self.db["tokens"].get(rows[0]["id"]))
+        self._update(rows[0]["id"], {"revoked": time.time()})
+        return self._info(self._get(rows[0]["id"]))
 
     def _find(self, token_id: int | str) -> list[dict[str, Any]]:
         """Rows matching a numeric id, the exact prefix `token list` shows, or a whole token.
@@ -150,15 +148,13 @@ class TokenStore:
         """
         text = str(token_id).strip().rstrip("…")
         if text.isascii() and text.isdigit():
-            return list(self.db["tokens"].rows_where("id = ?", [int(text)]))
+            return self._rows("id", int(text))
         if len(text) > LOOKUP_CHARS:  # a whole token: match its hash
             digest = hash_token(text)
             return [
-                r
-                for r in self.db["tokens"].rows_where("lookup = ?", [text[:LOOKUP_CHARS]])
-                if hmac.compare_digest(r["hash"], digest)
+                r for r in self._rows("lookup", text[:LOOKUP_CHARS]) if hmac.compare_digest(r["hash"], digest)
             ]
-        return [r for r in self.db["tokens"].rows_where("lookup = ?", [text]) if r["lookup"] == text]
+        return [r for r in self._rows("lookup", text) if r["lookup"] == text]
 
     def check(self, token: str | None) -> TokenInfo:
         """The record of a presented token; `AuthError` if unknown, revoked or expired."""
@@ -166,7 +162,7 @@ class TokenStore:
             raise AuthError("this hub needs a token: run `deltahub login REMOTE` or set DELTAHUB_TOKEN")
         digest = hash_token(token)
         found = None
-        for row in self.db["tokens"].rows_where("lookup = ?", [token[:LOOKUP_CHARS]]):
+        for row in self._rows("lookup", token[:LOOKUP_CHARS]):
             if hmac.compare_digest(row["hash"], digest):
                 found = row
         if found is None:
@@ -177,6 +173,25 @@ class TokenStore:
         if not info.active:
             raise AuthError("the token has expired; ask the hub admin for a new one")
         return info
+
+    # Row access: the only part a store on another database (pgmeta.PgTokens) replaces.
+
+    def _insert(self, row: dict[str, Any]) -> int:
+        with self.db.conn:
+            return self.db["tokens"].insert(row).last_pk
+
+    def _get(self, pk: int) -> dict[str, Any]:
+        return self.db["tokens"].get(pk)
+
+    def _rows(self, column: str | None = None, value: Any = None) -> list[dict[str, Any]]:
+        if column is None:
+            return list(self.db["tokens"].rows_where(order_by="id"))
+        assert column in ("id", "lookup")
+        return list(self.db["tokens"].rows_where(f"{column} = ?", [value], order_by="id"))
+
+    def _update(self, pk: int, values: dict[str, Any]) -> None:
+        with self.db.conn:
+            self.db["tokens"].update(pk, values)
 
     @staticmethod
     def _info(row: dict[str, Any]) -> TokenInfo:

@@ -1,0 +1,314 @@
+"""The hub's metadata store: one small interface, two implementations.
+
+    sqlite:///path (default)   the embedded store: the home's registry.db (the local
+                               registry, unchanged) plus hub.db (tokens, blob links, checks,
+                               webhooks) -- `EmbeddedMeta` below
+    postgresql://...           the team store: every table in one PostgreSQL database,
+                               several server processes writing at once -- pgmeta.py
+
+`open_meta(url, home)` picks one. A `MetaStore` is shared by the server's threads and
+hands each thread its own handle (`handle()`): a SQLite or PostgreSQL connection is not
+for concurrent use. A handle answers what the routes ask:
+
+    list / search / versions / resolve        registry reads (Version objects)
+    commit(files, paths, tags)                record a version whose blobs are stored;
+                                              returns (Version, created)
+    tag(name, selector, tag)                  move a tag; returns (Version, previous version)
+    tokens                                    create / list / revoke / check (tokens.py)
+    link / namespace_uses                     blob links per namespace (state.py)
+    checked_key / record_check                the last hash check of a local blob
+    hooks / add_hook / remove_hook / log_delivery / deliveries     webhooks (webhooks.py)
+    every_version()                           all versions, for `deltahub hub copy`
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from deltahub.errors import InvalidConfig, InvalidRef, NotFound
+from deltahub.registry.refs import Ref, check_name, check_tag, parse_ref
+from deltahub.registry.version import Version
+
+EVENTS = ("version.published", "tag.moved")
+
+
+class MetaHandle(Protocol):
+    """One thread's view of a metadata store (see the module docstring)."""
+
+    tokens: Any
+
+    def list(self, **filters: str | None) -> list[Version]: ...
+    def search(self, query: str, limit: int | None = 50) -> list[Version]: ...
+    def versions(self, name: str) -> list[Version]: ...
+    def resolve(self, ref: str | Ref) -> Version: ...
+    def commit(
+        self, files: dict[str, str], paths: dict[str, Path], tags: Sequence[str]
+    ) -> tuple[Version, bool]: ...
+    def tag(self, name: str, selector: str, tag: str) -> tuple[Version, str | None]: ...
+    def link(self, namespace: str, digests: Iterable[str]) -> None: ...
+    def namespace_uses(self, namespace: str, digest: str) -> bool: ...
+    def checked_key(self, digest: str) -> tuple[int, int, int, int] | None: ...
+    def record_check(self, digest: str, key: tuple[int, int, int, int]) -> None: ...
+    def hooks(self, event: str | None = None, full_name: str | None = None) -> list[dict[str, Any]]: ...
+    def add_hook(
+        self, url: str, events: Sequence[str], namespace: str | None, secret: str | None = None
+    ) -> dict[str, Any]: ...
+    def remove_hook(self, hook_id: int) -> None: ...
+    def log_delivery(self, row: dict[str, Any]) -> None: ...
+    def deliveries(self, limit: int = 50) -> list[dict[str, Any]]: ...
+    def every_version(self) -> Iterator[Version]: ...
+    def close(self) -> None: ...
+
+
+class MetaStore:
+    """A metadata store shared by threads: `handle()` is this thread's connection."""
+
+    url: str
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._handles: list[MetaHandle] = []
+        self._lock = threading.Lock()
+
+    def _open(self) -> MetaHandle:
+        raise NotImplementedError
+
+    def handle(self) -> MetaHandle:
+        h = getattr(self._local, "handle", None)
+        if h is None or getattr(h, "broken", False):
+            h = self._local.handle = self._open()
+            with self._lock:
+                self._handles.append(h)
+        return h
+
+    def close(self) -> None:
+        with self._lock:
+            for h in self._handles:
+                with contextlib.suppress(Exception):  # closing is best effort
+                    h.close()
+            self._handles.clear()
+
+
+def open_meta(url: str | None, home: Path | str | None = None) -> MetaStore:
+    """The metadata store a URL names: `sqlite:///path` (a hub home) or `postgresql://...`.
+
+    No URL means the embedded store in `home` (default `$DELTAHUB_HOME`).
+    """
+    from deltahub.settings import default_home
+
+    if not url:
+        return EmbeddedMeta(Path(home) if home is not None else default_home())
+    if url.startswith("sqlite:///"):
+        return EmbeddedMeta(Path(url[len("sqlite:///") :]))
+    if url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+        from deltahub.hub.pgmeta import PostgresMeta
+
+        return PostgresMeta(url.replace("postgresql+psycopg://", "postgresql://", 1))
+    raise InvalidConfig(
+        f"--db {redact(url)!r} is neither sqlite:///PATH (a hub home) nor postgresql://USER@HOST/DB"
+    )
+
+
+def redact(url: str) -> str:
+    """A database URL without its password, for messages and logs."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        host = parts.hostname or ""
+        netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def check_hook(url: str, events: Sequence[str], namespace: str | None) -> None:
+    from urllib.parse import urlsplit
+
+    if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
+        raise InvalidConfig(f"webhook URL {url!r} must be http(s)://HOST/...")
+    for e in events:
+        if e not in EVENTS:
+            raise InvalidConfig(f"event {e!r} is not one of {', '.join(EVENTS)}")
+    if not events:
+        raise InvalidConfig(f"give at least one --event ({', '.join(EVENTS)})")
+    if namespace is not None:
+        check_name(namespace)
+
+
+def hook_matches(hook: dict[str, Any], event: str | None, full_name: str | None) -> bool:
+    if event is not None and event not in hook["events"]:
+        return False
+    ns = hook.get("namespace")
+    return ns is None or full_name is None or full_name.startswith(ns + "/")
+
+
+def new_secret() -> str:
+    return "whsec_" + secrets.token_urlsafe(32)
+
+
+# ----------------------------------------------------------------------------- embedded
+
+
+class EmbeddedMeta(MetaStore):
+    """The embedded default: the home's registry.db and hub.db (SQLite), as before."""
+
+    def __init__(self, home: Path) -> None:
+        super().__init__()
+        self.home = Path(home)
+        self.url = f"sqlite:///{self.home}"
+        self.handle()  # create the home and apply migrations once, up front
+
+    def _open(self) -> MetaHandle:
+        return EmbeddedHandle(self.home)
+
+
+class EmbeddedHandle:
+    """A `Registry` and a `TokenStore` (hub.db) on this thread's own connections."""
+
+    def __init__(self, home: Path) -> None:
+        from deltahub.hub.tokens import TokenStore
+        from deltahub.registry import Registry
+
+        self.registry = Registry(home)
+        self.tokens = TokenStore(home)
+        self.db = self.tokens.db  # hub.db
+
+    def close(self) -> None:
+        self.registry.close()
+        self.tokens.close()
+
+    # registry
+    def list(self, **filters: str | None) -> list[Version]:
+        return list(self.registry.list(**filters))
+
+    def search(self, query: str, limit: int | None = 50) -> list[Version]:
+        return list(self.registry.search(query, limit=limit))
+
+    def versions(self, name: str) -> list[Version]:
+        return list(self.registry.versions(name))
+
+    def resolve(self, ref: str | Ref) -> Version:
+        return self.registry.resolve(ref)
+
+    def manifest(self, ref: str | Ref) -> Any:
+        return self.registry.manifest(ref)
+
+    def commit(
+        self, files: dict[str, str], paths: dict[str, Path], tags: Sequence[str]
+    ) -> tuple[Version, bool]:
+        existed = _exists(self, files, paths)
+        return self.registry.commit(files, tags), not existed
+
+    def tag(self, name: str, selector: str, tag: str) -> tuple[Version, str | None]:
+        check_tag(tag)
+        before = _tagged_version(self, name, tag)
+        return self.registry.tag(f"{name}@{selector}", tag), before
+
+    # hub.db
+    def link(self, namespace: str, digests: Iterable[str]) -> None:
+        from deltahub.hub import hubdb
+
+        hubdb.link(self.db, namespace, digests)
+
+    def namespace_uses(self, namespace: str, digest: str) -> bool:
+        from deltahub.hub import hubdb
+
+        if hubdb.is_linked(self.db, namespace, digest):
+            return True
+        # Versions committed without the hub (a publish or pull into the hub's home).
+        found = self.registry.db.execute(
+            "select 1 from files f join versions v on v.id = f.version_id"
+            " where f.blob = ? and v.namespace = ? limit 1",
+            [digest, namespace],
+        )
+        return found.fetchone() is not None
+
+    def checked_key(self, digest: str) -> tuple[int, int, int, int] | None:
+        from deltahub.hub import hubdb
+
+        return hubdb.checked_key(self.db, digest)
+
+    def record_check(self, digest: str, key: tuple[int, int, int, int]) -> None:
+        from deltahub.hub import hubdb
+
+        hubdb.record_check(self.db, digest, key)
+
+    # webhooks
+    def hooks(self, event: str | None = None, full_name: str | None = None) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "select id, url, events, namespace, secret, created from webhooks order by id"
+        ).fetchall()
+        out = [
+            {
+                "id": r[0],
+                "url": r[1],
+                "events": json.loads(r[2]),
+                "namespace": r[3],
+                "secret": r[4],
+                "created": r[5],
+            }
+            for r in rows
+        ]
+        return [h for h in out if hook_matches(h, event, full_name)]
+
+    def add_hook(
+        self, url: str, events: Sequence[str], namespace: str | None, secret: str | None = None
+    ) -> dict[str, Any]:
+        check_hook(url, events, namespace)
+        with self.db.conn:
+            cur = self.db.conn.execute(
+                "insert into webhooks (url, events, namespace, secret, created) values (?, ?, ?, ?, ?)",
+                [url, json.dumps(sorted(set(events))), namespace, secret or new_secret(), time.time()],
+            )
+        return next(h for h in self.hooks() if h["id"] == cur.lastrowid)
+
+    def remove_hook(self, hook_id: int) -> None:
+        with self.db.conn:
+            if self.db.conn.execute("delete from webhooks where id = ?", [hook_id]).rowcount == 0:
+                raise NotFound(f"no webhook with id {hook_id} (see `deltahub webhook list`)")
+
+    def log_delivery(self, row: dict[str, Any]) -> None:
+        with self.db.conn:
+            self.db["deliveries"].insert(row)
+
+    def deliveries(self, limit: int = 50) -> list[dict[str, Any]]:
+        return list(self.db["deliveries"].rows_where(order_by="id desc", limit=limit))
+
+    def every_version(self) -> Iterator[Version]:
+        cursor = None
+        while True:
+            page = self.registry.list(all_versions=True, limit=500, cursor=cursor)
+            yield from page
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+
+def _exists(h: Any, files: dict[str, str], paths: dict[str, Path]) -> bool:
+    """Whether the version a commit names is already recorded (so the commit adds nothing)."""
+    from deltahub import artifact as af
+
+    manifest = af.Manifest.from_dict(
+        af.read_json_file(paths[af.MANIFEST_FILE], af.MAX_MANIFEST_BYTES, "manifest-json")
+    )
+    if manifest.version is None:
+        return False
+    try:
+        h.resolve(f"{manifest.name}@{manifest.version}")
+    except (NotFound, InvalidRef):
+        return False
+    return True
+
+
+def _tagged_version(h: Any, name: str, tag: str) -> str | None:
+    try:
+        return h.resolve(parse_ref(f"{name}@{tag}")).version
+    except (NotFound, InvalidRef):
+        return None

@@ -1,0 +1,527 @@
+"""The hub's metadata in PostgreSQL (psycopg 3): versions, tags, tokens, blob links, webhooks.
+
+Several `deltahub serve` processes share one database. What keeps them correct:
+
+- Every change to an adapter (commit, tag move) runs in one transaction that first locks
+  the adapter's row in `adapters` (`SELECT ... FOR UPDATE`, the row created on first use
+  with `INSERT ... ON CONFLICT DO NOTHING`): writers of one adapter queue on that lock, so
+  the next `seq` is `max(seq) + 1` with no gap or duplicate, and `latest` moves once per
+  commit in commit order. Writers of different adapters never wait for each other. The
+  unique constraints (name, version) and (name, seq) back this up.
+- A version's rows (version, files, tags) commit together or not at all: a server killed
+  mid-commit leaves nothing visible.
+- Search is PostgreSQL's own full-text search: a `tsvector` of name, description, task,
+  method and base model on each row, a GIN index over latest versions only.
+
+The schema is versioned in `deltahub_schema`; `migrate()` applies what is missing under a
+transaction-scoped advisory lock, so servers starting together migrate once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from deltahub import artifact as af
+from deltahub.errors import AlreadyExists, InvalidArtifact, InvalidConfig, InvalidRef, NotFound
+from deltahub.hub.meta import MetaStore, check_hook, hook_matches, new_secret, redact
+from deltahub.hub.tokens import TokenStore
+from deltahub.registry.refs import Ref, check_name, check_tag, check_version, parse_ref
+from deltahub.registry.version import Version, version_key
+
+MIGRATION_LOCK = 0x64656C7461  # advisory lock key ("delta")
+_DOC = (
+    "to_tsvector('simple', regexp_replace(concat_ws(' ', full_name, description, task, method, base_model),"
+    " '[^[:alnum:]]+', ' ', 'g'))"
+)
+
+MIGRATIONS: list[str] = [
+    # 1: everything the embedded registry.db + hub.db hold
+    """
+    create table adapters (full_name text primary key, namespace text not null);
+    create table versions (
+        id bigserial primary key,
+        full_name text not null references adapters,
+        namespace text not null,
+        name text not null,
+        version text not null,
+        seq integer not null,
+        vnum bigint,
+        digest text not null,
+        method text not null,
+        base_model text, base_fingerprint text, task text, description text, license text,
+        metrics text, parents text,
+        size bigint not null default 0,
+        created text not null,
+        published double precision,
+        is_latest boolean not null default false,
+        doc tsvector,
+        unique (full_name, version),
+        unique (full_name, seq)
+    );
+    create index versions_digest on versions (digest text_pattern_ops);
+    create index versions_latest on versions (full_name) where is_latest;
+    create index versions_doc on versions using gin (doc) where is_latest;
+    create table files (
+        version_id bigint not null references versions on delete cascade,
+        filename text not null, blob text not null, size bigint not null,
+        primary key (version_id, filename)
+    );
+    create index files_blob on files (blob);
+    create table tags (
+        full_name text not null, tag text not null,
+        version_id bigint not null references versions on delete cascade,
+        updated text not null,
+        primary key (full_name, tag)
+    );
+    create index tags_version on tags (version_id);
+    create table tokens (
+        id bigserial primary key, lookup text not null, hash text not null, scope text not null,
+        namespace text, description text, created double precision not null,
+        expires double precision, revoked double precision
+    );
+    create index tokens_lookup on tokens (lookup);
+    create table blob_links (
+        namespace text not null, digest text not null, linked double precision not null,
+        primary key (namespace, digest)
+    );
+    create index blob_links_digest on blob_links (digest);
+    create table blob_checks (
+        digest text primary key, ino bigint, size bigint, mtime_ns bigint, ctime_ns bigint,
+        checked double precision
+    );
+    create table webhooks (
+        id bigserial primary key, url text not null, events text not null, namespace text,
+        secret text not null, created double precision not null
+    );
+    create table deliveries (
+        id bigserial primary key, hook_id bigint, event text, delivery text, url text,
+        status integer, ok boolean, attempts integer, error text, at double precision
+    );
+    """,
+]
+
+
+def _connect(url: str) -> Any:
+    try:
+        import psycopg
+        from psycopg.rows import dict_row
+    except ImportError:  # pragma: no cover - depends on the install
+        raise InvalidConfig(
+            "a PostgreSQL hub needs psycopg: pip install 'deltahub[team]' (or 'psycopg[binary]')"
+        ) from None
+    try:
+        return psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=15)
+    except psycopg.OperationalError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InvalidConfig(f"cannot connect to {redact(url)}: {first}") from None
+
+
+def schema_version(conn: Any) -> int:
+    found = conn.execute("select to_regclass('deltahub_schema') as t").fetchone()
+    if found["t"] is None:
+        return 0
+    return conn.execute("select coalesce(max(version), 0) as v from deltahub_schema").fetchone()["v"]
+
+
+def migrate(url: str) -> tuple[int, int]:
+    """Create or upgrade the schema; return (version before, version after)."""
+    conn = _connect(url)
+    try:
+        with conn.transaction():
+            conn.execute("select pg_advisory_xact_lock(%s)", [MIGRATION_LOCK])
+            conn.execute(
+                "create table if not exists deltahub_schema (version integer primary key, applied double precision)"
+            )
+            before = schema_version(conn)
+            for number, sql in enumerate(MIGRATIONS, start=1):
+                if number > before:
+                    conn.execute(sql)
+                    conn.execute("insert into deltahub_schema values (%s, %s)", [number, time.time()])
+        return before, len(MIGRATIONS)
+    finally:
+        conn.close()
+
+
+class PostgresMeta(MetaStore):
+    """Hub metadata in one PostgreSQL database (one connection per server thread)."""
+
+    def __init__(self, url: str, *, create: bool = True) -> None:
+        super().__init__()
+        self.url = url
+        if create:
+            migrate(url)
+        else:
+            conn = _connect(url)
+            try:
+                have = schema_version(conn)
+            finally:
+                conn.close()
+            if have < len(MIGRATIONS):
+                raise InvalidConfig(
+                    f"{redact(url)} has schema {have}, this deltahub needs {len(MIGRATIONS)}: "
+                    "run `deltahub hub migrate --db URL`"
+                )
+        self.handle()
+
+    def _open(self) -> PgHandle:
+        return PgHandle(self.url)
+
+
+def int_version(version: str) -> int | None:
+    return int(version) if version.isdigit() and len(version) <= 18 else None
+
+
+def digest_range(prefix: str) -> tuple[str, str]:
+    """A digest prefix as the range [low, high) of full digests (an index range scan)."""
+    last = prefix[-1]
+    return prefix, prefix[:-1] + chr(ord(last) + 1)
+
+
+def fts_query(query: str) -> str | None:
+    """A tsquery from free text: every word must match, the last as a prefix; no syntax passes."""
+    words = [w.lower() for w in re.findall(r"[^\W_]+", query)]
+    if not words:
+        return None
+    return " & ".join([*words[:-1], words[-1] + ":*"])
+
+
+class PgTokens(TokenStore):
+    """`TokenStore` over the `tokens` table of the hub's PostgreSQL database."""
+
+    def __init__(self, handle: PgHandle) -> None:
+        self.h = handle
+
+    def close(self) -> None:
+        pass
+
+    def _insert(self, row: dict[str, Any]) -> int:
+        cols = list(row)
+        sql = f"insert into tokens ({', '.join(cols)}) values ({', '.join(['%s'] * len(cols))}) returning id"
+        return self.h.one(sql, [row[c] for c in cols])["id"]
+
+    def _get(self, pk: int) -> dict[str, Any]:
+        return self.h.one("select * from tokens where id = %s", [pk])
+
+    def _rows(self, column: str | None = None, value: Any = None) -> list[dict[str, Any]]:
+        if column is None:
+            return self.h.all("select * from tokens order by id")
+        assert column in ("id", "lookup")
+        return self.h.all(f"select * from tokens where {column} = %s order by id", [value])
+
+    def _update(self, pk: int, values: dict[str, Any]) -> None:
+        sets = ", ".join(f"{k} = %s" for k in values)
+        self.h.conn.execute(f"update tokens set {sets} where id = %s", [*values.values(), pk])
+
+
+class PgHandle:
+    """One thread's connection, and every query the hub asks of its metadata."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.conn = _connect(url)
+        self.tokens = PgTokens(self)
+
+    @property
+    def broken(self) -> bool:
+        return bool(self.conn.broken or self.conn.closed)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self.conn.execute(sql, params).fetchone()
+
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        return self.conn.execute(sql, params).fetchall()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Any]:
+        with self.conn.transaction():
+            yield self.conn
+
+    # ------------------------------------------------------------------ versions
+
+    def _versions(self, rows: list[dict[str, Any]]) -> list[Version]:
+        if not rows:
+            return []
+        ids = [r["id"] for r in rows]
+        files: dict[int, dict[str, str]] = {i: {} for i in ids}
+        tags: dict[int, list[str]] = {i: [] for i in ids}
+        for r in self.all(
+            "select version_id, filename, blob from files where version_id = any(%s) order by filename", [ids]
+        ):
+            files[r["version_id"]][r["filename"]] = r["blob"]
+        for r in self.all("select version_id, tag from tags where version_id = any(%s) order by tag", [ids]):
+            tags[r["version_id"]].append(r["tag"])
+        return [
+            Version(
+                id=r["id"],
+                full_name=r["full_name"],
+                version=r["version"],
+                digest=r["digest"],
+                method=r["method"],
+                created=r["created"],
+                base_model=r["base_model"],
+                base_fingerprint=r["base_fingerprint"],
+                task=r["task"],
+                description=r["description"] or "",
+                license=r["license"],
+                metrics=json.loads(r["metrics"] or "{}"),
+                parents=json.loads(r["parents"] or "[]"),
+                size=r["size"] or 0,
+                tags=tags[r["id"]],
+                files=files[r["id"]],
+            )
+            for r in rows
+        ]
+
+    def list(
+        self,
+        *,
+        name: str | None = None,
+        base_model: str | None = None,
+        method: str | None = None,
+        task: str | None = None,
+    ) -> list[Version]:
+        where, params = ["is_latest"], []
+        for column, value in (
+            ("full_name", name),
+            ("base_model", base_model),
+            ("method", method),
+            ("task", task),
+        ):
+            if value is not None:
+                where.append(f"{column} = %s")
+                params.append(value)
+        return self._versions(
+            self.all(f"select * from versions where {' and '.join(where)} order by full_name", params)
+        )
+
+    def search(self, query: str, limit: int | None = 50) -> list[Version]:
+        if not query.strip():
+            return self.list()[:limit]
+        tsq = fts_query(query)
+        if tsq is None:
+            return []
+        rows = self.all(
+            "select * from versions where is_latest and doc @@ to_tsquery('simple', %s) order by id desc limit %s",
+            [tsq, limit],
+        )
+        return self._versions(rows)
+
+    def versions(self, name: str) -> list[Version]:
+        check_name(name)
+        rows = self.all("select * from versions where full_name = %s order by seq", [name])
+        if not rows:
+            raise NotFound(f"no adapter named {name!r} on this hub")
+        return self._versions(rows)
+
+    def _row(self, full_name: str, version: str) -> dict[str, Any] | None:
+        return self.one("select * from versions where full_name = %s and version = %s", [full_name, version])
+
+    def _tagged_row(self, full_name: str, tag: str) -> dict[str, Any] | None:
+        return self.one(
+            "select v.* from tags t join versions v on v.id = t.version_id where t.full_name = %s and t.tag = %s",
+            [full_name, tag],
+        )
+
+    def _resolve_row(self, ref: str | Ref) -> dict[str, Any]:
+        r = parse_ref(ref) if isinstance(ref, str) else ref
+        if r.kind == "digest":
+            low, high = digest_range(r.selector)
+            rows = self.all(
+                "select * from versions where digest >= %s and digest < %s and full_name = %s limit 2",
+                [low, high, r.full_name],
+            )
+            if not rows:
+                raise NotFound(f"no version for {r.full_name} has digest {r.selector}")
+            if len(rows) > 1:
+                raise InvalidRef(f"digest prefix {r.selector} is ambiguous: give more hex digits")
+            return rows[0]
+        row = (
+            self._row(r.full_name, r.selector)
+            if r.kind == "version"
+            else self._tagged_row(r.full_name, r.selector)
+        )
+        if row is None:
+            if self.one("select 1 from adapters a where full_name = %s and exists "
+                        "(select 1 from versions v where v.full_name = a.full_name)", [r.full_name]) is None:  # fmt: skip
+                raise NotFound(f"no adapter named {r.full_name!r} on this hub")
+            raise NotFound(f"{r.full_name} has no {r.kind} {r.selector!r}")
+        return row
+
+    def resolve(self, ref: str | Ref) -> Version:
+        return self._versions([self._resolve_row(ref)])[0]
+
+    def every_version(self) -> Iterator[Version]:
+        last = 0
+        while True:
+            rows = self.all("select * from versions where id > %s order by id limit 500", [last])
+            if not rows:
+                return
+            yield from self._versions(rows)
+            last = rows[-1]["id"]
+
+    # ------------------------------------------------------------------ writes
+
+    def _lock_adapter(self, full_name: str) -> None:
+        ns, _ = check_name(full_name)
+        self.conn.execute(
+            "insert into adapters (full_name, namespace) values (%s, %s) on conflict do nothing",
+            [full_name, ns or ""],
+        )
+        self.conn.execute("select 1 from adapters where full_name = %s for update", [full_name])
+
+    def _set_tag(self, full_name: str, tag: str, version_id: int) -> None:
+        if tag == "latest":
+            self.conn.execute(
+                "update versions set is_latest = false where full_name = %s and is_latest", [full_name]
+            )
+            self.conn.execute("update versions set is_latest = true where id = %s", [version_id])
+        self.conn.execute(
+            "insert into tags (full_name, tag, version_id, updated) values (%s, %s, %s, %s) "
+            "on conflict (full_name, tag) do update set version_id = excluded.version_id, updated = excluded.updated",
+            [full_name, tag, version_id, af.utc_now()],
+        )
+
+    def commit(
+        self, files: dict[str, str], paths: dict[str, Path], tags: Sequence[str]
+    ) -> tuple[Version, bool]:
+        """Record a version whose blobs are stored (the same files again: a no-op)."""
+        tags = [check_tag(t) for t in tags]
+        artifact = af.load_files(paths)  # the same validation as the embedded registry's commit
+        manifest = artifact.manifest
+        if manifest is None or manifest.version is None:
+            raise InvalidArtifact(
+                "manifest-schema", "a committed version needs a deltahub.json naming its version"
+            )
+        name, version = manifest.name, check_version(manifest.version)
+        check_name(name)
+        digest = af.artifact_digest(files)
+        sizes = {f: paths[f].stat().st_size for f in files}
+        with self._tx():
+            self._lock_adapter(name)
+            row = self._row(name, version)
+            if row is not None:
+                if row["digest"] != digest:
+                    raise AlreadyExists(
+                        f"{name}@{version} already exists with digest {row['digest']}, not {digest}"
+                    )
+                for tag in tags:
+                    self._set_tag(name, tag, row["id"])
+                created = False
+            else:
+                current = self._tagged_row(name, "latest")
+                newer = current is None or version_key(version, manifest.created) >= version_key(
+                    current["version"], current["created"]
+                )
+                seq = self.one(
+                    "select coalesce(max(seq), 0) + 1 as s from versions where full_name = %s", [name]
+                )["s"]
+                ns, short = check_name(name)
+                row = self.one(
+                    "insert into versions (full_name, namespace, name, version, seq, vnum, digest, method, base_model,"
+                    " base_fingerprint, task, description, license, metrics, parents, size, created, published)"
+                    " values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) returning *",
+                    [
+                        name, ns or "", short, version, seq, int_version(version), digest, manifest.method,
+                        manifest.base_model, manifest.base_fingerprint, manifest.task, manifest.description,
+                        manifest.license, json.dumps(manifest.metrics, sort_keys=True),
+                        json.dumps([asdict(p) for p in manifest.parents]), sum(sizes.values()),
+                        manifest.created, time.time(),
+                    ],
+                )  # fmt: skip
+                self.conn.execute(f"update versions set doc = {_DOC} where id = %s", [row["id"]])
+                with self.conn.cursor() as cur:
+                    cur.executemany(
+                        "insert into files (version_id, filename, blob, size) values (%s, %s, %s, %s)",
+                        [(row["id"], f, d, sizes[f]) for f, d in files.items()],
+                    )
+                for tag in ("latest", *tags) if newer else tags:
+                    self._set_tag(name, tag, row["id"])
+                created = True
+            return self._versions([self.one("select * from versions where id = %s", [row["id"]])])[0], created
+
+    def tag(self, name: str, selector: str, tag: str) -> tuple[Version, str | None]:
+        check_tag(tag)
+        with self._tx():
+            self._lock_adapter(name)
+            before = self._tagged_row(name, tag)
+            row = self._resolve_row(f"{name}@{selector}")
+            self._set_tag(name, tag, row["id"])
+            return self.resolve(f"{name}@{row['version']}"), before["version"] if before else None
+
+    # ------------------------------------------------------------------ blobs
+
+    def link(self, namespace: str, digests: Iterable[str]) -> None:
+        now = time.time()
+        with self.conn.cursor() as cur:
+            cur.executemany(
+                "insert into blob_links (namespace, digest, linked) values (%s, %s, %s) on conflict do nothing",
+                [(namespace, d, now) for d in sorted(set(digests))],
+            )
+
+    def namespace_uses(self, namespace: str, digest: str) -> bool:
+        return (
+            self.one(
+                "select 1 from blob_links where namespace = %s and digest = %s union all "
+                "select 1 from files f join versions v on v.id = f.version_id where f.blob = %s and v.namespace = %s "
+                "limit 1",
+                [namespace, digest, digest, namespace],
+            )
+            is not None
+        )
+
+    def checked_key(self, digest: str) -> tuple[int, int, int, int] | None:
+        r = self.one("select ino, size, mtime_ns, ctime_ns from blob_checks where digest = %s", [digest])
+        return (r["ino"], r["size"], r["mtime_ns"], r["ctime_ns"]) if r else None
+
+    def record_check(self, digest: str, key: tuple[int, int, int, int]) -> None:
+        self.conn.execute(
+            "insert into blob_checks (digest, ino, size, mtime_ns, ctime_ns, checked) values (%s, %s, %s, %s, %s, %s)"
+            " on conflict (digest) do update set ino = excluded.ino, size = excluded.size,"
+            " mtime_ns = excluded.mtime_ns, ctime_ns = excluded.ctime_ns, checked = excluded.checked",
+            [digest, *key, time.time()],
+        )
+
+    # ------------------------------------------------------------------ webhooks
+
+    def hooks(self, event: str | None = None, full_name: str | None = None) -> list[dict[str, Any]]:
+        out = [
+            {**r, "events": json.loads(r["events"])} for r in self.all("select * from webhooks order by id")
+        ]
+        return [h for h in out if hook_matches(h, event, full_name)]
+
+    def add_hook(
+        self, url: str, events: Sequence[str], namespace: str | None, secret: str | None = None
+    ) -> dict[str, Any]:
+        check_hook(url, events, namespace)
+        row = self.one(
+            "insert into webhooks (url, events, namespace, secret, created) values (%s, %s, %s, %s, %s) returning id",
+            [url, json.dumps(sorted(set(events))), namespace, secret or new_secret(), time.time()],
+        )
+        return next(h for h in self.hooks() if h["id"] == row["id"])
+
+    def remove_hook(self, hook_id: int) -> None:
+        if self.conn.execute("delete from webhooks where id = %s", [hook_id]).rowcount == 0:
+            raise NotFound(f"no webhook with id {hook_id} (see `deltahub webhook list`)")
+
+    def log_delivery(self, row: dict[str, Any]) -> None:
+        cols = list(row)
+        self.conn.execute(
+            f"insert into deliveries ({', '.join(cols)}) values ({', '.join(['%s'] * len(cols))})",
+            [bool(row[c]) if c == "ok" else row[c] for c in cols],
+        )
+
+    def deliveries(self, limit: int = 50) -> list[dict[str, Any]]:
+        return [
+            {**r, "ok": int(bool(r["ok"]))}
+            for r in self.all("select * from deliveries order by id desc limit %s", [limit])
+        ]
