@@ -233,3 +233,21 @@ def test_a_ref_on_a_hub_is_pulled_verified(
         _resolve(vllm, "team/remote@prod")  # a tag is asked of the hub each time
     # A pinned digest already here needs no hub.
     assert _resolve(vllm, f"team/remote@{v.digest}").lora_path == req.lora_path
+
+
+def test_the_base_is_checked_by_fingerprint_when_the_served_config_is_here(
+    vllm: types.ModuleType, tmp_path: Path
+) -> None:
+    from deltahub.compose import load_base
+    from tests.compose_helpers import tiny
+
+    tiny("llama").save_pretrained(tmp_path / "llama")
+    tiny("llama", num_hidden_layers=3).save_pretrained(tmp_path / "deeper")
+    fp = load_base(str(tmp_path / "llama")).deltahub_fingerprint
+    Registry().publish(
+        lora_dir(tmp_path / "a", seed=7), "team/fp", base_model="tiny-llama", base_fingerprint=fp
+    )
+    # Served from a path under another name: the fingerprint (config + parameter shapes) matches.
+    assert _resolve(vllm, "team/fp", base=str(tmp_path / "llama")) is not None
+    with pytest.raises(vr.ServingRefused, match=r"base-mismatch: .*fingerprint"):
+        _resolve(vllm, "team/fp", base=str(tmp_path / "deeper"))

@@ -31,7 +31,15 @@ def check(ref: str, target: str, served_base: str | None, as_json: bool) -> None
 
     with Registry() as registry:
         v = registry.resolve(ref)
-        report = check_servable(registry.open(v), target, served_base=served_base, ref=v.ref, digest=v.digest)
+        art = registry.open(v)
+        fp = None
+        if served_base and art.manifest is not None and art.manifest.base_fingerprint:
+            from deltahub.serving.basecheck import served_fingerprint
+
+            fp = served_fingerprint(served_base)
+        report = check_servable(
+            art, target, served_base=served_base, served_fingerprint=fp, ref=v.ref, digest=v.digest
+        )
     if as_json:
         print_json(report.to_dict())
     else:

@@ -80,7 +80,14 @@ def resolve_for_vllm(base_model_name: str, name: str, registry: Any = None) -> d
             return None
         art = reg.open(v)
         served = os.environ.get(SERVED_BASE_ENV) or base_model_name
-        report = check_servable(art, "vllm", served_base=served, ref=v.ref, digest=v.digest)
+        fp = None
+        if art.manifest is not None and art.manifest.base_fingerprint:
+            from deltahub.serving.basecheck import served_fingerprint
+
+            fp = served_fingerprint(served)
+        report = check_servable(
+            art, "vllm", served_base=served, served_fingerprint=fp, ref=v.ref, digest=v.digest
+        )
         if not report.ok:
             reasons = "; ".join(
                 f"{f.rule}: {f.message}" + (f" (fix: {f.fix})" if f.fix else "") for f in report.refusals
