@@ -252,3 +252,15 @@ def test_gpt2_conv1d_dora_converts_for_peft(tmp_path: Path) -> None:
     # vLLM has no LoRA for GPT-2: converting does not change that, and it says so.
     with pytest.raises(Unsupported, match="architecture"):
         export_for_target("team/g", tmp_path / "v", "vllm", convert=True, rank=8, base=base)
+
+
+def test_ia3_output_scaling_over_a_bias_is_refused(tmp_path: Path) -> None:
+    from peft import IA3Config, get_peft_model
+
+    base = tiny("gpt2")  # c_attn has a bias, which IA3's output scaling also scales
+    model = get_peft_model(copy.deepcopy(base), IA3Config(target_modules=["c_attn"], feedforward_modules=[]))
+    model.save_pretrained(str(tmp_path / "ia3"))
+    Registry().publish(tmp_path / "ia3", "team/ia3g")
+    with pytest.raises(Unsupported, match=r"IA3 scales the output of transformer\.h\.0\.attn\.c_attn, bias"):
+        export_for_target("team/ia3g", tmp_path / "o", "peft", convert=True, rank=8, base=base)
+    assert not (tmp_path / "o").exists()

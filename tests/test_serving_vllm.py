@@ -251,3 +251,18 @@ def test_the_base_is_checked_by_fingerprint_when_the_served_config_is_here(
     assert _resolve(vllm, "team/fp", base=str(tmp_path / "llama")) is not None
     with pytest.raises(vr.ServingRefused, match=r"base-mismatch: .*fingerprint"):
         _resolve(vllm, "team/fp", base=str(tmp_path / "deeper"))
+
+
+def test_concurrent_resolves_of_one_version_share_one_directory(
+    vllm: types.ModuleType, versions: Registry
+) -> None:
+    async def many() -> list[Any]:
+        resolver = vllm.LoRAResolverRegistry.get_resolver(vr.RESOLVER_NAME)
+        return await asyncio.gather(
+            *(resolver.resolve_lora("tiny-llama", "team/sentiment@1") for _ in range(6))
+        )
+
+    paths = {r.lora_path for r in asyncio.run(many())}
+    assert len(paths) == 1
+    root = Path(next(iter(paths))).parent
+    assert [p.name for p in root.iterdir()] == [Path(next(iter(paths))).name]  # no temporaries left

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 from deltahub.errors import AlreadyExists, NotFound
@@ -69,7 +70,7 @@ def materialize(
     out = root / v.digest.split(":", 1)[1]
     if _complete(out, v):
         return v, out
-    tmp = root / f".{out.name}.{os.getpid()}.tmp"
+    tmp = root / f".{out.name}.{uuid.uuid4().hex}.tmp"  # threads of one server share a pid
     shutil.rmtree(tmp, ignore_errors=True)
     reg.export(f"{v.full_name}@{v.digest}", tmp)  # copies and re-hashes every file against its digest
     try:
