@@ -17,12 +17,12 @@ from deltahub.hub.client import push
 from deltahub.hub.server import ServerThread, check_bind, is_loopback
 from deltahub.hub.tokens import TokenStore
 from deltahub.registry import Registry
-from tests.hub_helpers import Hub, published, start_hub
+from tests.hub_helpers import BACKENDS, Hub, backend_stores, published, start_hub
 
 
-@pytest.fixture
-def hub(tmp_path: Path) -> Iterator[Hub]:
-    yield from start_hub(tmp_path)
+@pytest.fixture(params=BACKENDS)
+def hub(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Hub]:
+    yield from start_hub(tmp_path, request.param)
 
 
 KINDS = ("none", "read", "write", "write_other", "revoked", "expired")
@@ -76,17 +76,21 @@ def expected_status(route: str, kind: str, public_read: bool) -> int:
     return OK[route]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("public_read", [False, True])
-def test_auth_matrix(tmp_path: Path, public_read: bool) -> None:
+def test_auth_matrix(tmp_path: Path, public_read: bool, backend: str) -> None:
     from tests.hub_helpers import make_tokens
 
     home = tmp_path / "srv"
-    Registry(home).close()
-    tokens = make_tokens(home)
+    stores = backend_stores(backend)
+    if not stores:
+        Registry(home).close()
+    tokens = make_tokens(home, stores)
     local = published(tmp_path / "local")
     v = local.resolve("team/alpha")
     # The matrix sends dozens of bad tokens from one address: back-off is tested on its own.
-    with ServerThread(home, public_read=public_read, throttle=AuthThrottle(burst=10_000)) as srv:
+    throttle = AuthThrottle(burst=10_000)
+    with ServerThread(home, public_read=public_read, throttle=throttle, **stores) as srv:
         push("team/alpha", _client(srv.url, tokens["admin"]), local)
         seen: dict[tuple[str, str], int] = {}
         http = httpx.Client(timeout=30)
@@ -136,11 +140,31 @@ def test_admin_can_write_anywhere_and_namespace_token_only_its_own(hub: Hub, tmp
     assert push("gamma", _client(hub.url, hub.tokens["admin"]), local)["ref"] == "gamma@1"
 
 
+def _dump(hub: Hub) -> tuple[str, list[tuple[str, str]]]:
+    """The whole metadata database as text (sqlite's iterdump, or pg_dump), and its token rows."""
+    if hub.backend == "embedded":
+        conn = sqlite3.connect(hub.home / "hub.db")
+        dump = "\n".join(conn.iterdump())
+        rows = conn.execute("select lookup, hash from tokens").fetchall()
+        conn.close()
+        return dump, rows
+    import subprocess
+
+    import psycopg
+
+    from tests.hub_services import pg_bindir
+
+    url = hub.stores["db"]
+    dump = subprocess.run(
+        [f"{pg_bindir()}/pg_dump", "--data-only", url], check=True, capture_output=True, text=True, timeout=60
+    ).stdout
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("select lookup, hash from tokens").fetchall()
+    return dump, rows
+
+
 def test_database_dump_holds_no_usable_token(hub: Hub) -> None:
-    conn = sqlite3.connect(hub.home / "hub.db")
-    dump = "\n".join(conn.iterdump())
-    rows = conn.execute("select lookup, hash from tokens").fetchall()
-    conn.close()
+    dump, rows = _dump(hub)
     assert len(rows) == 6
     for token in hub.tokens.values():
         secret = token[len("dh_") :]

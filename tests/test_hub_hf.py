@@ -13,11 +13,11 @@ from deltahub.errors import InvalidRef
 from deltahub.hub.client import HubClient, push
 from deltahub.hub.hf import CARD_MARKER, build_hf_folder, parse_hf_url, pull_from_hf, push_to_hf
 from deltahub.registry import Registry
-from tests.hub_helpers import Hub, export_bytes, lora_dir, start_hub
+from tests.hub_helpers import BACKENDS, Hub, export_bytes, lora_dir, start_hub
 
 
-@pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hub]:
+@pytest.fixture(params=[*BACKENDS, "postgres+s3, redirect"])
+def hub(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hub]:
     import huggingface_hub.constants as hfc
 
     # conftest sets HF_HUB_OFFLINE for the whole suite; these tests talk to 127.0.0.1 only.
@@ -25,7 +25,9 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hub]:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    yield from start_hub(tmp_path)
+    # the third: S3 downloads answered with a 302 to a presigned URL (--redirect-downloads)
+    backend, _, redirect = request.param.partition(", ")
+    yield from start_hub(tmp_path, backend, **({"redirect_downloads": True} if redirect else {}))
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote, urlparse
@@ -270,7 +271,7 @@ class HubClient:
         """
         check_digest(digest)
         try:
-            with self.http.stream("GET", f"/v1/blobs/{digest}") as r:
+            with self._blob_stream(digest) as r:
                 if r.status_code >= 400:
                     r.read()
                     self._check(r)
@@ -290,6 +291,27 @@ class HubClient:
         except IntegrityError as e:
             raise IntegrityError(f"{self.url} sent a corrupt blob: {e}; nothing was kept") from None
         return size
+
+    @contextmanager
+    def _blob_stream(self, digest: str) -> Iterator[httpx.Response]:
+        """GET a blob; a hub that redirects (to a presigned object-store URL) is followed once.
+
+        The redirect target gets no Authorization header: the presigned URL carries its
+        own signature, and the hub's token must never leave for another host.
+        """
+        with self.http.stream("GET", f"/v1/blobs/{digest}") as r:
+            location = r.headers.get("location")
+            if r.status_code not in (301, 302, 303, 307, 308) or not location:
+                yield r
+                return
+        target = httpx.URL(self.url).join(location)
+        if target.scheme not in ("http", "https"):
+            raise BadResponse(f"{self.url} redirected blob {digest} to {target.scheme}:")
+        with (
+            httpx.Client(timeout=self.http.timeout, follow_redirects=False) as plain,
+            plain.stream("GET", target, headers={"User-Agent": "deltahub"}) as r2,
+        ):
+            yield r2
 
     # ------------------------------------------------------------------ writes
 
