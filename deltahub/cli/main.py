@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "deltahub.cli.hub_cmds",
     "deltahub.cli.train_cmds",
     "deltahub.cli.compose_cmds",
+    "deltahub.cli.eval_cmd",
     "deltahub.cli.quickstart_cmd",
     "deltahub.cli.serving_cmds",
 ]

@@ -197,8 +197,9 @@ def show(ref: str, show_versions: bool, limit: int, cursor: str | None, as_json:
         return
     v = registry.show(ref)
     manifest = registry.manifest(v)
+    evals = registry.evals(v)
     if as_json:
-        print_json({**v.to_dict(), "manifest": manifest.to_dict()})
+        print_json({**v.to_dict(), "manifest": manifest.to_dict(), "evals": evals})
         return
     fields = {
         "ref": v.ref,
@@ -219,6 +220,10 @@ def show(ref: str, show_versions: bool, limit: int, cursor: str | None, as_json:
     for key, value in fields.items():
         if value:
             click.echo(f"{key:<{width}}  {value}")
+    from deltahub.registry.evals import summary
+
+    for line in summary(evals):  # scores measured after publishing (`deltahub eval --record`)
+        click.echo(f"{'evaluated':<{width}}  {line}")
     for fname, digest in sorted(v.files.items()):
         click.echo(f"{'file':<{width}}  {fname}  {digest[:19]}")
     from deltahub.serving.rules import check_servable

@@ -125,6 +125,27 @@ def m003_pins(db: Database) -> None:
     )
 
 
+@migrations()
+def m004_evals(db: Database) -> None:
+    """Scores measured after publishing (`deltahub eval --record`): versions are immutable."""
+    db["evals"].create(
+        {
+            "id": int,
+            "version_id": int,
+            "metric": str,
+            "value": float,
+            "data_digest": str,
+            "rows": int,
+            "base": str,
+            "created": str,
+        },
+        pk="id",
+        not_null={"version_id", "metric", "value"},
+        foreign_keys=[("version_id", "versions", "id")],
+    )
+    db["evals"].create_index(["version_id"])
+
+
 def connect(path: Path) -> Database:
     """Open (creating if needed) the registry database and apply pending migrations.
 

@@ -325,6 +325,7 @@ class Writes(Queries):
                     "first, or remove it anyway with --force"
                 )
             self.db.execute("delete from pins where version_id = ?", [v.id])
+            self.db.execute("delete from evals where version_id = ?", [v.id])
             self.db.execute("delete from latest_fts where rowid = ?", [v.id])
             self.db.execute("delete from tags where version_id = ?", [v.id])
             self.db.execute("delete from files where version_id = ?", [v.id])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from deltahub.errors import InvalidConfig
 from deltahub.registry.db import connect
+from deltahub.registry.evals import Evaluations
 from deltahub.registry.maintenance import Upkeep
 from deltahub.registry.publish import Writes
 from deltahub.registry.store import BlobStore, storage_error
@@ -26,7 +27,7 @@ _version_key = version_key  # the name older callers imported
 __all__ = ["GcReport", "Page", "Registry", "VerifyReport", "Version"]
 
 
-class Registry(Writes, Upkeep):
+class Registry(Writes, Upkeep, Evaluations):
     """A local adapter registry rooted at `home` (default `$DELTAHUB_HOME` or ~/.deltahub)."""
 
     def __init__(self, home: Path | str | None = None) -> None:

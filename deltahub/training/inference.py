@@ -75,21 +75,41 @@ def load(
     weights: Sequence[float] | None = None,
     force: bool = False,
     registry: Any = None,
+    device: str | None = None,
+    quantize: str | None = None,
 ) -> Loaded:
-    """Load the base and tokenizer from directory `base_path`, load `refs` from the registry
-    and activate them composed by `mode`."""
+    """Load the base and tokenizer from directory `base_path` (on `device`, optionally
+    `quantize`d: "nf4", "fp4", "int8"), load `refs` from the registry and activate them
+    composed by `mode`.
+
+    Two versions of one adapter (`a@1 a@2`) load side by side, as `a.v1` and `a.v2`.
+    """
     from transformers import AutoTokenizer
 
     from deltahub.compose.base import load_base
     from deltahub.compose.model import AdaptedModel
 
-    base = load_base(base_path)
+    base = load_base(base_path, device=device, quantize=quantize)
     tokenizer = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
     model = AdaptedModel(base, registry=registry)
-    names = [model.load(ref, force=force) for ref in refs]
+    if model.registry is None:
+        from deltahub.registry import Registry
+
+        model.registry = Registry()
+    versions = [model.registry.resolve(ref) for ref in refs]
+    full_names = [v.full_name for v in versions]
+    names = [
+        model.load(v.ref, force=force, name=_side_by_side(v) if full_names.count(v.full_name) > 1 else None)
+        for v in versions
+    ]
     target = composition(names, mode, weights)
     model.activate(target)
     return Loaded(model, tokenizer, list(refs), names, target)
+
+
+def _side_by_side(version: Any) -> str:
+    """The name a version gets when another version of its adapter is loaded too."""
+    return f"{version.full_name}.v{version.version.replace('+', '-')}"
 
 
 @torch.no_grad()
@@ -101,21 +121,25 @@ def predict(
     head_ref: str | None = None,
     max_new_tokens: int = 20,
     batch_size: int = 32,
+    sampling: Sampling | None = None,
 ) -> list[dict[str, Any]]:
     """One answer per text, in order (see the module doc for how the kind is chosen).
 
     `model` is an `AdaptedModel` with its adapters active; `head_ref` names the registry
-    version whose trained classification head (if it has one) reads the output.
+    version whose trained classification head (if it has one) reads the output. A text
+    longer than the model's maximum is cut to it (as training does); an empty text is an
+    `InvalidConfig` naming its position. `sampling` (causal LMs): temperature, top-p,
+    seed and the chat template; greedy by default.
     """
     if isinstance(texts, str):
         raise InvalidConfig("predict takes a list of texts; wrap one text in a list")
     if batch_size <= 0:
         raise InvalidConfig(f"batch size must be positive, got {batch_size}")
-    texts = list(texts)
+    texts = check_texts(texts)
     base = model.base
-    archs = getattr(base.config, "architectures", None) or [type(base).__name__]
-    if hasattr(base, "generate") and any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return [_generate(model, tokenizer, text, max_new_tokens) for text in texts]
+    if is_generator(base):
+        sampling = sampling or Sampling()
+        return [_generate(model, tokenizer, text, max_new_tokens, sampling) for text in texts]
     head = _trained_head(model, head_ref) if head_ref is not None else None
     if tokenizer.pad_token_id is None or (head is None and getattr(base.config, "pad_token_id", 0) is None):
         batch_size = 1  # nothing to pad with, or a decoder classifier that cannot find the last token
@@ -130,11 +154,39 @@ def predict(
     return out
 
 
-def _encode(model: Any, tokenizer: Any, texts: list[str]) -> Any:
+def check_texts(texts: Sequence[str]) -> list[str]:
+    """`texts` as a list; an empty one (or one of only spaces) is an error naming its position."""
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            where = "the input" if len(texts) == 1 else f"input {i + 1}"
+            raise InvalidConfig(f"{where} is empty: give some text to run")
+    return texts
+
+
+def is_generator(base: Any) -> bool:
+    """A causal LM that can generate (its predictions are generated text)."""
+    archs = getattr(base.config, "architectures", None) or [type(base).__name__]
+    return hasattr(base, "generate") and any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+
+
+def max_length(model: Any, tokenizer: Any) -> int | None:
+    """The most tokens the model reads: the tokenizer's limit, else the config's positions."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 1_000_000:  # transformers' "no limit" is ~1e30
+        return limit
+    config = model.base.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(positions) if positions else None
+
+
+def _encode(model: Any, tokenizer: Any, texts: list[str], **extra: Any) -> Any:
     pad = (
         {"padding": True, "padding_side": "right"} if len(texts) > 1 else {}
     )  # the head pools the last real token
-    batch = tokenizer(texts, return_tensors="pt", **pad).to(model.base.device)
+    limit = max_length(model, tokenizer)
+    cut = {"truncation": True, "max_length": limit} if limit else {}
+    batch = tokenizer(texts, return_tensors="pt", **pad, **cut, **extra).to(model.base.device)
     if "token_type_ids" in batch and "token_type_ids" not in inspect.signature(model.base.forward).parameters:
         batch.pop("token_type_ids")  # Llama/GPT-2 forwards do not take it
     return batch
@@ -144,12 +196,68 @@ def _logits(values: torch.Tensor) -> list[float]:
     return [round(float(v), 6) for v in values]
 
 
-def _generate(model: Any, tokenizer: Any, text: str, max_new_tokens: int) -> dict[str, Any]:
-    batch = _encode(model, tokenizer, [text])
+@dataclass(frozen=True)
+class Sampling:
+    """How a causal LM generates: greedy (temperature None or 0), else sampled with
+    `temperature` and nucleus `top_p`, seeded by `seed`; `chat` wraps the text as one user
+    turn in the tokenizer's chat template when it has one ("auto"), always (True: an error
+    without a template) or never (False)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    chat: bool | str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.temperature is not None and self.temperature < 0:
+            raise InvalidConfig(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise InvalidConfig(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.chat not in ("auto", True, False):
+            raise InvalidConfig(f"chat must be 'auto', True or False, got {self.chat!r}")
+
+    @property
+    def sample(self) -> bool:
+        return bool(self.temperature)
+
+
+def _prompt(tokenizer: Any, text: str, chat: bool | str) -> tuple[str, bool]:
+    """The text the model reads, and whether it is a rendered chat template."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat is True and not has_template:
+        raise InvalidConfig("this tokenizer has no chat template; run without --chat")
+    if chat is False or not has_template:
+        return text, False
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
+    return str(rendered), True
+
+
+def _generate(
+    model: Any, tokenizer: Any, text: str, max_new_tokens: int, sampling: Sampling
+) -> dict[str, Any]:
+    prompt, templated = _prompt(tokenizer, text, sampling.chat)
+    # A rendered template already holds its special tokens.
+    batch = _encode(model, tokenizer, [prompt], **({"add_special_tokens": False} if templated else {}))
+    if batch["input_ids"].shape[1] == 0:
+        raise InvalidConfig(f"{text!r} has no tokens for this tokenizer: give some text to run")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+    options: dict[str, Any] = {"do_sample": sampling.sample}
+    if sampling.sample:
+        options["temperature"] = sampling.temperature
+        if sampling.top_p is not None:
+            options["top_p"] = sampling.top_p
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad, **options)
     new = out[0, batch["input_ids"].shape[1] :]
-    return {"input": text, "kind": "generation", "output_ids": new.tolist(), "output": tokenizer.decode(new)}
+    return {
+        "input": text,
+        "kind": "generation",
+        "output_ids": new.tolist(),
+        "output": tokenizer.decode(new, skip_special_tokens=templated),
+    }
 
 
 def _trained_head(model: Any, ref: str) -> tuple[TaskHead, list[str]] | None:
