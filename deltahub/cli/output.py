@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
@@ -38,20 +39,69 @@ def print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
-def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str | None = None) -> None:
-    """A rich table of `rows` (dicts) over `columns`; plain text when not a terminal."""
+def print_table(
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[str],
+    title: str | None = None,
+    *,
+    keep: Sequence[str] = (),
+    drop_first: Sequence[str] = (),
+) -> None:
+    """A rich table of `rows` (dicts) over `columns`, fitted to the terminal's width.
+
+    When the table is wider than the terminal (or than `COLUMNS` in a pipe; a pipe
+    without it never cuts), the columns of `drop_first` are shortened or dropped, in that
+    order, until it fits; the columns of `keep` are never cut (they wrap instead).
+    """
     from rich.console import Console
     from rich.table import Table
 
+    cells = [[_cell(row.get(col)) for col in columns] for row in rows]
     console = Console()
+    width = console.width if console.is_terminal or os.environ.get("COLUMNS") else None
+    shown, limits = fit_columns(columns, cells, width, drop_first)
     table = Table(title=title, box=None, header_style="bold", pad_edge=False)
-    for col in columns:
-        table.add_column(col, no_wrap=True)
-    for row in rows:
-        table.add_row(*(_cell(row.get(col)) for col in columns))
-    if not console.is_terminal:
-        console = Console(width=1000)  # never truncate in a pipe; the table keeps its natural width
-    console.print(table)
+    for col in shown:
+        if col in keep:
+            table.add_column(col, overflow="fold")
+        else:
+            table.add_column(col, no_wrap=True, overflow="ellipsis", max_width=limits.get(col))
+    index = [list(columns).index(col) for col in shown]
+    for row in cells:
+        table.add_row(*(row[i] for i in index))
+    Console(width=width or 1000).print(table)  # a pipe without COLUMNS keeps the natural width
+
+
+MIN_SHORTENED = 10  # a column cut narrower than this says too little: drop it instead
+
+
+def fit_columns(
+    columns: Sequence[str], cells: Sequence[Sequence[str]], width: int | None, drop_first: Sequence[str]
+) -> tuple[list[str], dict[str, int]]:
+    """The columns to show within `width` characters, and the widths to cut some of them to.
+
+    Two spaces separate columns. Each column of `drop_first`, in order, is shortened (to no
+    less than MIN_SHORTENED) if that makes the table fit, else dropped.
+    """
+    natural = {col: max([len(col), *(len(row[i]) for row in cells)]) for i, col in enumerate(columns)}
+    shown, limits = list(columns), {}
+    if width is None:
+        return shown, limits
+
+    def total() -> int:
+        return sum(limits.get(c, natural[c]) for c in shown) + 2 * (len(shown) - 1)
+
+    for col in drop_first:
+        if total() <= width:
+            break
+        if col not in shown:
+            continue
+        cut = natural[col] - (total() - width)
+        if cut >= max(MIN_SHORTENED, min(len(col), natural[col])):
+            limits[col] = cut
+            break
+        shown.remove(col)
+    return shown, limits
 
 
 def _cell(value: Any) -> str:

@@ -9,7 +9,9 @@ import click
 
 from deltahub.cli.output import handle_errors, json_option, parse_key_values, print_json, print_table
 
-LIST_COLUMNS = ("name", "version", "method", "task", "base_model", "tags", "digest", "created")
+LIST_COLUMNS = ("name", "version", "tags", "method", "task", "base_model", "digest", "created")
+# In a narrow terminal: name, version and tags stay whole; these give way first, in this order.
+LIST_DROP_FIRST = ("created", "digest", "base_model", "task", "method")
 
 
 def _registry() -> Any:
@@ -33,7 +35,12 @@ def _print_versions(versions: list[Any], as_json: bool, empty: str, more: str | 
     elif not versions:
         click.echo(empty)
     else:
-        print_table([_row(v) for v in versions], LIST_COLUMNS)
+        print_table(
+            [_row(v) for v in versions],
+            LIST_COLUMNS,
+            keep=("name", "version", "tags"),
+            drop_first=LIST_DROP_FIRST,
+        )
     cursor = getattr(versions, "next_cursor", None)
     if cursor and more:
         click.echo(f"more: {more} --cursor {cursor}", err=True)
