@@ -44,6 +44,13 @@ def _artifact(config: dict[str, Any], tensors: dict[str, tuple[int, ...]] | None
     return af.Artifact(files={}, config=cfg, tensors=infos)
 
 
+def _q(r: int) -> dict[str, tuple[int, ...]]:
+    return {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": (r, 64),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": (64, r),
+    }
+
+
 def _rules(report: Any) -> list[str]:
     return [f.rule for f in report.refusals]
 
@@ -60,6 +67,10 @@ def test_vllm_rules_each_refusal_names_its_rule() -> None:
     # A rank within the set: loads, given the flag; the note says which.
     r20 = check_servable(_artifact({"r": 20}), "vllm")
     assert r20.ok and r20.summary() == "yes (--max-lora-rank 32)"
+    # rank_pattern: the largest rank decides the flag; a note says older vLLM ignores the pattern.
+    patterned = check_servable(_artifact({"r": 4, "rank_pattern": {"q_proj": 40}}, _q(40)), "vllm")
+    assert patterned.ok and patterned.summary() == "yes (--max-lora-rank 64)"
+    assert "per-module-rank" in [n.rule for n in patterned.notes]
     # Modules vLLM does not adapt in a Llama-style decoder; GPT-2 has no LoRA in vLLM.
     odd = {
         "base_model.model.model.layers.0.self_attn.rotary.lora_A.weight": (4, 64),

@@ -312,6 +312,15 @@ def check_servable(
                     f"--max-lora-rank {needed}",
                 )
             )
+        if config.get("rank_pattern") or config.get("alpha_pattern"):
+            note(
+                Finding(
+                    "per-module-rank",
+                    "rank_pattern / alpha_pattern give modules their own rank or alpha; vLLM versions "
+                    "before their support apply r and lora_alpha everywhere",
+                    "export --target vllm --convert --base BASE (one rank, scaling 1, same outputs at full rank)",
+                )
+            )
         arch = architecture_of(served_base or base_id, list(modules))
         if arch in VLLM_NO_LORA:
             refuse(
