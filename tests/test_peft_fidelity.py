@@ -46,6 +46,12 @@ def seq_cls(kind: str, seed: int = 0) -> nn.Module:
             vocab_size=128, max_position_embeddings=64, num_labels=LABELS,
         )  # fmt: skip
         return tf.BertForSequenceClassification(cfg).eval()
+    if kind == "roberta":
+        cfg = tf.RobertaConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+            vocab_size=128, max_position_embeddings=64, num_labels=LABELS, pad_token_id=1,
+        )  # fmt: skip
+        return tf.RobertaForSequenceClassification(cfg).eval()
     if kind == "gpt2":
         cfg = tf.GPT2Config(
             n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64, num_labels=LABELS,
@@ -66,7 +72,12 @@ def plain(kind: str) -> nn.Module:
     return tiny(kind)
 
 
-LINEAR = {"bert": ["query", "value"], "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
+LINEAR = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],
+}
 EMBED = {"bert": "word_embeddings", "gpt2": "wte", "llama": "embed_tokens"}
 TASK = {"bert": "FEATURE_EXTRACTION", "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM"}
 
@@ -438,3 +449,35 @@ def test_merged_export_carries_the_saved_head_and_biases(tmp_path):
     out = export_merged(version.ref, tmp_path / "base", tmp_path / "merged", registry=registry, force=True)
     served = tf.AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
     assert (run(served, x) - ours).abs().max().item() <= TOL
+
+
+def test_a_changed_saved_embedding_replaces_the_tied_weight_everywhere_while_active(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base = tiny("llama", tie_word_embeddings=True)
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    peft_save(tmp_path / "p", base, _lora(target_modules=["embed_tokens", "q_proj"])("llama"))
+    weights = tmp_path / "p" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    g = torch.Generator().manual_seed(9)
+    tensors[key] = tensors[key] + 0.1 * torch.randn(tensors[key].shape, generator=g)  # fine-tuned
+    save_file(tensors, str(weights))
+    x = ids()
+    ref = run(peft_load(base, tmp_path / "p"), x)  # PEFT writes it into the shared weight
+    model = AdaptedModel(load_base(copy.deepcopy(base), device="cpu"))
+    before = run(model, x)
+    model.load_path(tmp_path / "p", "a")
+    assert {"model.embed_tokens", "lm_head"} <= set(model.get_adapter("a").paths)
+    model.activate("a")
+    assert (run(model, x) - ref).abs().max().item() <= TOL
+    model.deactivate()
+    assert torch.equal(run(model, x), before)
+    model.save_adapter("a", tmp_path / "ours")
+    assert (run(peft_load(base, tmp_path / "ours"), x) - ref).abs().max().item() <= TOL
+
+
+def test_a_nested_classification_head_is_saved_merged_and_restored(tmp_path):
+    # RobertaClassificationHead (dense + out_proj) is saved whole, swapped, merged, restored.
+    case = Case("modules_to_save (SEQ_CLS LoRA)", "roberta", seq_cls, _lora(task_type="SEQ_CLS"))
+    assert check_case(case, tmp_path)["merge"] is not None
