@@ -275,3 +275,33 @@ def test_ia3_output_scaling_over_a_bias_is_refused(tmp_path: Path) -> None:
     with pytest.raises(Unsupported, match=r"IA3 scales the output of transformer\.h\.0\.attn\.c_attn, bias"):
         export_for_target("team/ia3g", tmp_path / "o", "peft", convert=True, rank=8, base=base)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_merge_result_is_re_ranked_with_the_error_of_the_dense_update(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from deltahub.compose import merge_adapters
+
+    reg = Registry()
+    reg.publish(lora_dir(tmp_path / "a", seed=1), "team/a")
+    reg.publish(lora_dir(tmp_path / "b", seed=2), "team/b")
+    merged = merge_adapters(["team/a", "team/b"], "linear", name="team/ab", registry=reg)  # rank 8 (cat)
+    src = load_file(str(reg.open(merged).weights_path))
+    config = reg.open(merged).config
+    base = tiny("llama")
+    conv = export_for_target(
+        "team/ab", tmp_path / "r3", "vllm", convert=True, rank=3, base=copy.deepcopy(base)
+    )["conversion"]
+    out = load_file(str(tmp_path / "r3" / af.WEIGHTS_FILE))
+    for module, reported in conv["module_rel_errors"].items():
+        key = f"base_model.model.{module}"
+        r = src[f"{key}.lora_A.weight"].shape[0]
+        scale = config["lora_alpha"] / r
+        dense = scale * src[f"{key}.lora_B.weight"].double() @ src[f"{key}.lora_A.weight"].double()
+        ba = out[f"{key}.lora_B.weight"].double() @ out[f"{key}.lora_A.weight"].double()
+        assert reported == pytest.approx(((dense - ba).norm() / dense.norm()).item(), abs=1e-6)
+        assert reported > 0.01  # rank 3 < 8: truncated
+    exact = export_for_target(
+        "team/ab", tmp_path / "r8", "vllm", convert=True, rank=8, base=copy.deepcopy(base)
+    )["conversion"]
+    assert exact["exact"] and exact["logits_max_abs"] <= TOL
