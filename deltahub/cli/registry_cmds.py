@@ -265,7 +265,10 @@ def tag(ref: str, tag: str, delete: bool) -> None:
 @click.option(
     "--merged", is_flag=True, help="Write a full-precision model with the LoRA folded in (needs --base)."
 )
-@click.option("--base", help="With --merged: the base model directory or hub id (loaded in full precision).")
+@click.option(
+    "--base",
+    help="With --merged or --convert: the base model directory or hub id (loaded in full precision).",
+)
 @click.option(
     "--format",
     "fmt",

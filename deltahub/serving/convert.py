@@ -24,7 +24,7 @@ module has rank r.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,6 @@ class Conversion:
     logits_max_abs: float | None = None
     exact: bool = False
     source: str = ""  # lora, dora or ia3
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def report(self) -> dict[str, Any]:
         return {
