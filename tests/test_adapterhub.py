@@ -282,3 +282,52 @@ def test_adapters_load_adapter_reproduces_fixture_exports(case: str, tmp_path: P
     with torch.no_grad():
         theirs = bare(**inputs).last_hidden_state
     assert ah.max_abs(theirs, outputs["adapted"]) <= ah.TOL
+
+
+@needs_adapters
+def test_last_token_head_imports_and_exports_exactly(tmp_path: Path) -> None:
+    """A GPT-2 AdapterModel's one-layer classification head (last non-padding token) becomes
+    deltahub's task head, and exports back as a head `adapters` loads."""
+    import transformers as tf
+    from adapters import GPT2AdapterModel, SeqBnConfig
+
+    from deltahub.interop.adapterhub_export import export_adapterhub
+    from deltahub.training.head import TaskHead
+
+    cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32, pad_token_id=0)
+    torch.manual_seed(0)
+    src = GPT2AdapterModel(cfg).eval()
+    src.add_adapter("t", config=SeqBnConfig(reduction_factor=4))
+    src.add_classification_head("t", num_labels=3, layers=1)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in src.named_parameters():
+            if ".t." in n or "heads.t" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    src.set_active_adapters("t")
+    x = torch.randint(1, 64, (2, 7), generator=g)
+    mask = torch.ones_like(x)
+    x[1, 5:], mask[1, 5:] = 0, 0
+    with torch.no_grad():
+        want = src(input_ids=x, attention_mask=mask).logits
+    src.save_adapter(str(tmp_path / "saved"), "t", use_safetensors=True)
+    registry = Registry()
+    version = registry.publish(tmp_path / "saved", "t")
+    base = tf.GPT2Model(cfg).eval()
+    base.load_state_dict(src.transformer.state_dict(), strict=False)
+    model = AdaptedModel(load_base(base, device="cpu"), registry=registry)
+    model.load("t")
+    model.activate("t")
+    head = TaskHead.from_artifact(registry.open(version), 32)
+    with torch.no_grad():
+        got = head(model(input_ids=x, attention_mask=mask).last_hidden_state, mask)
+    assert float((got - want).abs().max()) <= ah.TOL and float(want.abs().max()) > 0.1
+    out = export_adapterhub(registry, "t", tmp_path / "out")
+    torch.manual_seed(5)
+    twin = GPT2AdapterModel(cfg).eval()
+    twin.transformer.load_state_dict(src.transformer.state_dict(), strict=False)
+    twin.load_adapter(str(out), use_safetensors=True)
+    twin.set_active_adapters("t")
+    with torch.no_grad():
+        again = twin(input_ids=x, attention_mask=mask).logits
+    assert float((again - want).abs().max()) <= ah.TOL
