@@ -208,7 +208,6 @@ def build_sites(
     (a fresh adapter) copies the base's. Returns the tensors kept for export only."""
     kept: dict[str, Tensor] = {}
     modules: dict[str, dict[str, Tensor]] = {}
-    module_keys: dict[str, list[str]] = {}
     params: dict[str, dict[str, tuple[str, nn.Parameter]]] = {}
     claimed: set[int] = set()  # base parameters already replaced (a tied weight saved twice)
     for e in extras:
@@ -221,7 +220,6 @@ def build_sites(
                 modules.setdefault(e.module, {})[e.name] = get(e.key)
             else:
                 modules.setdefault(e.module, {})
-            module_keys.setdefault(e.module, []).append(e.key)
             continue
         module = get_module(base, e.module, adapter)
         current = module._parameters.get(e.name)
@@ -253,8 +251,10 @@ def build_sites(
             continue
         claimed.add(id(current))
         shared = nn.Parameter(value, requires_grad=trainable)
-        for i, (path, name) in enumerate(_holders(base, current)):
-            params.setdefault(path, {})[name] = (e.key if i == 0 else "", shared)
+        for path, name in _holders(base, current):
+            # The key's own module exports and merges the value; tied holders only swap it in.
+            own = (path, name) == (e.module, e.name)
+            params.setdefault(path, {})[name] = (e.key if own else "", shared)
     for path, state in modules.items():
         base_module = get_module(base, path, adapter)
         if path in sites:
