@@ -87,6 +87,11 @@ def register(cli: click.Group) -> None:
             description=description,
             progress=lambda modules, n: progress(modules, f"{method} merge", total=n),
         )
+        from deltahub.registry import Registry
+
+        note = Registry().manifest(version_).extra.get("merge", {}).get("task_head", "")
+        if note.startswith("dropped"):
+            click.echo(f"warning: task head {note}", err=True)
         if as_json:
             print_json(version_.to_dict())
         else:
