@@ -22,6 +22,7 @@ deltahub each its own), and constituents that are not bottleneck adapters.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -37,6 +38,7 @@ from deltahub.interop import adapterhub as ah
 from deltahub.interop.rawtensors import Raw, read, write
 from deltahub.settings import MAX_CONFIG_BYTES
 
+MAX_SIBLINGS = 1000  # directory entries looked at when finding constituents beside a fusion
 FUSION_FIELDS = {
     "key", "query", "value", "query_before_ln", "regularization", "residual_before", "temperature",
     "value_before_softmax", "value_initialized", "dropout_prob",
@@ -133,7 +135,8 @@ def _find_constituent(path: Path, adapter: str) -> Path:
     """The `save_adapter` directory of `adapter`: beside or inside the fusion directory."""
     roots = [path, path.parent]
     for root in roots:
-        for d in sorted(p for p in root.iterdir() if p.is_dir() and p != path):
+        entries = sorted(itertools.islice(root.iterdir(), MAX_SIBLINGS))  # a bounded look around
+        for d in (p for p in entries if p.is_dir() and p != path):
             cfg = d / ah.CONFIG_FILE
             if cfg.is_file() and cfg.stat().st_size <= MAX_CONFIG_BYTES:
                 try:
