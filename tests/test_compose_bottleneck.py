@@ -237,3 +237,21 @@ def test_unknown_architecture_is_unsupported():
     model = AdaptedModel(load_base(Tiny(), device="cpu"))
     with pytest.raises(Unsupported, match="mystery"):
         model.add_adapter("b", {"method": "bottleneck", "variant": "pfeiffer", "bottleneck_size": 2})
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_pfeiffer_per_row_routing_slices_the_captured_stream(kind):
+    """Pfeiffer reads LN(x + h) with x captured upstream: routed rows get their own x."""
+    model = AdaptedModel(load_base(tiny(kind), device="cpu"))
+    model.add_adapter("p", {"method": "bottleneck", "variant": "pfeiffer", "bottleneck_size": 8})
+    randomize(model.get_adapter("p"), std=0.3)
+    x = ids()
+    plain = run(model, x)
+    model.activate("p")
+    want = run(model, x)
+    model.deactivate()
+    mixed = run(model, x, adapter_names=[None, "p", None])
+    assert (mixed[1] - want[1]).abs().max().item() <= TOL
+    assert torch.equal(mixed[0], plain[0]) and torch.equal(mixed[2], plain[2])
+    mixed = run(model, x, adapter_names=["p", None, "p"])  # rows 0 and 2: an index, not a slice
+    assert (mixed[0] - want[0]).abs().max().item() <= TOL and (mixed[2] - want[2]).abs().max().item() <= TOL
