@@ -336,6 +336,10 @@ def export(
         from deltahub.compose.export import export_merged  # torch only on this path
 
         path = export_merged(ref, base, directory, registry=_registry())
+        from deltahub.compose.export import head_note
+
+        if note := head_note(path):
+            click.echo(f"note: {note}", err=True)
         click.echo(f"exported {ref} merged into {base} to {path}")
         return
     path = _registry().export(ref, directory)
