@@ -51,10 +51,44 @@ as the reference the tests compare against.
 
 An adapter the fusion cannot see inside (DoRA, a nested block) enters with W_n = I and
 a_n = z_n, which is the direct formula for that adapter.
+
+Scope: where Q, K, V live (`FusionConfig.scope`).
+
+- "layer" (the default for new fusions, as AdapterHub, which fuses once per transformer
+  layer): one Q, K, V of the layer's hidden size d per transformer layer (the module path
+  up to its first numbered part, `encoder.layer.3`, `model.layers.3`, `transformer.h.3`),
+  shared by every site of that layer the adapters change. Q, K, V are d x d, so at each
+  site they act on the side of the site that is d wide:
+
+  * output side (the site writes d wide: attention output, FFN output, the query/key/value
+    projections of multi-head attention, every bottleneck adapter): the paper's formula
+    above, h = the site's output y and z_n what each adapter writes there;
+  * input side (the site reads d wide but writes another width d': the FFN's
+    up/gate/intermediate projection, grouped-query attention's key/value, GPT-2's fused
+    c_attn; only LoRA adapters, which is all `all-linear` puts there): the fusion acts on
+    what each adapter reads. With x the site's input (d) and Delta W_n = s_n B_n A_n,
+
+        q   = Q x + b_Q
+        k_n = K A_n^T A_n x           what LoRA n reads of x, back in d space
+        s   = softmax_n( q . k_n / T )
+        out = sum_n s_n Delta W_n (V x)   the value matrix transforms what they read
+
+    so at init (V = I) it is again the softmax-weighted sum of the deltas
+    sum_n s_n Delta W_n x, and with one adapter and V = I it is that adapter. Folded:
+    G_n = Q^T K A_n^T, r_n = A_n K^T b_Q, and per token A_n V x and s_n B_n (O(d R)).
+
+  Size: L (3 d^2 + d) for L layers: about 12% of a BERT-style encoder, whatever the
+  number of adapted modules or adapters.
+
+- "module" (earlier fusions, and `scope="module"`): one Q, K, V per fused module, of that
+  module's output width, the output-side formula at every site. Size: the sum over sites
+  of 3 d_out^2 + d_out, larger than the base itself for LoRA on every linear (a d_ff-wide
+  FFN projection alone costs 3 d_ff^2). A fusion config without `scope` is "module".
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -91,13 +125,22 @@ class Part:
     # from: when every fused adapter reads the same z, z is also the query (AdapterHub's).
     query: Callable[[Tensor, Tensor, Any], Tensor] | None = None
     reads: Any = None
+    # A LoRA's A (r, d_in), and the site's output width: the input side of a per-layer fusion.
+    lora_A: Callable[[], Tensor] | None = None
+    width_out: int | None = None
 
 
 def _lora_part(layer: Any) -> Part:
     def a(x: Tensor, y_base: Tensor, y_cur: Tensor, rows: Any) -> Tensor:
         return F.linear(x.to(layer.lora_A.dtype), layer.lora_A)  # (..., r)
 
-    return Part(a, lambda: (layer.lora_B * layer.scaling, None), (layer.lora_B,))
+    return Part(
+        a,
+        lambda: (layer.lora_B * layer.scaling, None),
+        (layer.lora_B, layer.lora_A),
+        lora_A=lambda: layer.lora_A,
+        width_out=int(layer.lora_B.shape[0]),
+    )
 
 
 def _bottleneck_part(layer: Any) -> Part:
@@ -146,6 +189,35 @@ class Folded:
     down: tuple[Tensor, Tensor] | None  # serial bottlenecks' W_down, b_down stacked: (R, d), (R,)
 
 
+@dataclass
+class FoldedInput:
+    """The per-step matrices of the input-side computation (LoRAs read x, d wide)."""
+
+    G: Tensor  # (d, R): [Q^T K A_n^T]_n
+    rv: Tensor  # (R,): [A_n K^T b_Q]_n
+    AV: Tensor  # (R, d): [A_n V]_n
+    B: Tensor  # (d_out, R): [s_n B_n]_n
+    M: Tensor  # (R, N)
+
+
+def _member_matrix(sizes: list[int], like: Tensor) -> Tensor:
+    """(sum sizes, N) of 0/1: column n sums adapter n's block of a concatenated (..., R)."""
+    M = torch.zeros(sum(sizes), len(sizes), dtype=like.dtype, device=like.device)
+    start = 0
+    for n, size in enumerate(sizes):
+        M[start : start + size, n] = 1.0
+        start += size
+    return M
+
+
+def layer_of(path: str) -> str:
+    """The transformer layer a module belongs to: its path up to the first numbered part
+    (`encoder.layer.3.attention.self.query` -> `encoder.layer.3`); a module outside the
+    numbered layers (a pooler) is its own group."""
+    m = re.match(r"^(.*?\.\d+)(?=\.|$)", path)
+    return m.group(1) if m else path
+
+
 class FusionLayer(SiteDelta):
     """Q, K, V of one site (module names as AdapterHub's: query, key, value)."""
 
@@ -164,7 +236,6 @@ class FusionLayer(SiteDelta):
         self.record = False
         self.last_attention: Tensor | None = None  # (..., N) when `record` is on
         self.last_names: list[str] | None = None  # whose attention each of the N columns is
-        self._cache: tuple[Any, Folded] | None = None  # (key, matrices) for inference
 
     # ------------------------------------------------------------------ the formula
 
@@ -175,6 +246,15 @@ class FusionLayer(SiteDelta):
         v = torch.stack([self.fusion_value(z) for z in zs], dim=-2)  # (B, T, N, d)
         s = torch.softmax((q.unsqueeze(-2) * k).sum(-1) / self.temperature, dim=-1)  # (B, T, N)
         return (s.unsqueeze(-1) * v).sum(-2), s
+
+    def direct_input(self, x: Tensor, A: list[Tensor], deltas: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """The input side as written: k_n = K A_n^T A_n x, out = sum_n s_n Delta W_n (V x)."""
+        q = self.fusion_query(x)  # (B, T, d)
+        k = torch.stack([self.fusion_key((x @ A_n.T) @ A_n) for A_n in A], dim=-2)  # (B, T, N, d)
+        s = torch.softmax((q.unsqueeze(-2) * k).sum(-1) / self.temperature, dim=-1)  # (B, T, N)
+        vx = self.fusion_value(x)  # (B, T, d)
+        out = sum(s[..., n : n + 1] * (vx @ dW.T) for n, dW in enumerate(deltas))  # (B, T, d_out)
+        return out, s  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ folded
 
@@ -205,11 +285,7 @@ class FusionLayer(SiteDelta):
         KW = torch.cat(KWs, dim=1)  # (d, R)
         G = torch.cat([Q.t() @ KW, torch.stack(gc, dim=1)], dim=1)  # (d, R + N)
         U = torch.cat([*Us, torch.stack(uc, dim=1)], dim=1)  # (d, R + N)
-        M = torch.zeros(sum(sizes), len(parts), dtype=K.dtype, device=K.device)
-        start = 0
-        for n, size in enumerate(sizes):
-            M[start : start + size, n] = 1.0
-            start += size
+        M = _member_matrix(sizes, K)
         down = None
         if all(p.down is not None and p.act is parts[0].act for p in parts):
             # Serial bottlenecks all read y_cur: one matmul for every down-projection.
@@ -219,23 +295,39 @@ class FusionLayer(SiteDelta):
             )
         return Folded(G, KW.t() @ bq, torch.stack(ec), U, M, down)
 
-    def _weights(self, parts: list[Part], key: Any) -> Folded:
+    def _folded_input_weights(self, parts: list[Part]) -> FoldedInput:
+        Q, bq = self.fusion_query.weight, self.fusion_query.bias
+        K, V = self.fusion_key.weight, self.fusion_value.weight
+        As = [p.lora_A().to(K.dtype) for p in parts]  # type: ignore[misc]  # (r_n, d) each
+        A = torch.cat(As, dim=0)  # (R, d)
+        KAt = K @ A.t()  # (d, R)
+        B = torch.cat([p.affine()[0].to(K.dtype) for p in parts], dim=1)  # type: ignore[union-attr]
+        return FoldedInput(Q.t() @ KAt, KAt.t() @ bq, A @ V, B, _member_matrix([a.shape[0] for a in As], K))
+
+    @staticmethod
+    def _cached(cache: dict[str, Any] | None, key: Any, make: Callable[[], Any]) -> Any:
         # Without autograd the folded matrices depend only on unchanged tensors: reuse them.
-        if torch.is_grad_enabled() or key is None:
-            self._cache = None
-            return self._folded_weights(parts)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self._folded_weights(parts))
-        return self._cache[1]
+        if cache is None or key is None or torch.is_grad_enabled():
+            if cache is not None:
+                cache.clear()
+            return make()
+        if cache.get("key") != key:
+            cache["key"], cache["value"] = key, make()
+        return cache["value"]
 
     def folded(
-        self, h: Tensor, parts: list[Part], a: list[Tensor] | None, key: Any = None
+        self,
+        h: Tensor,
+        parts: list[Part],
+        a: list[Tensor] | None,
+        key: Any = None,
+        cache: dict[str, Any] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The same as `direct` on z_n = W_n a_n + c_n, at O(d R) per token; returns (out, s).
 
         `a` holds each a_n; None computes them here (serial bottlenecks, in one matmul).
         """
-        f = self._weights(parts, key)
+        f = self._cached(cache, key, lambda: self._folded_weights(parts))
         R = f.M.shape[0]
         if a is None:
             A = parts[0].act(F.linear(h, *f.down))  # type: ignore[misc]  # (..., R)
@@ -247,11 +339,34 @@ class FusionLayer(SiteDelta):
         out = torch.cat([A * (s @ f.M.t()), s], dim=-1) @ f.U.t()  # (..., d): sum_n s_n V z_n
         return out, s
 
+    def folded_input(
+        self,
+        x: Tensor,
+        parts: list[Part],
+        a: list[Tensor],
+        key: Any = None,
+        cache: dict[str, Any] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The same as `direct_input` for LoRAs (a_n = A_n x), at O(d R) per token."""
+        f = self._cached(cache, key, lambda: self._folded_input_weights(parts))
+        a_all = torch.cat([a_n.to(x.dtype) for a_n in a], dim=-1)  # (..., R): A_n x
+        scores = ((x @ f.G + f.rv) * a_all) @ f.M  # (..., N): q . k_n
+        s = torch.softmax(scores / self.temperature, dim=-1)  # (..., N)
+        out = ((x @ f.AV.t()) * (s @ f.M.t())) @ f.B.t()  # (..., d_out): sum_n s_n s B_n A_n V x
+        return out, s
+
     # ------------------------------------------------------------------ as a site delta
 
-    def bind(self, parts: list[Part], names: list[str] | None = None) -> DeltaFn:
-        """The site's delta function fusing `parts` (the children present here, `names`)."""
+    def bind(self, parts: list[Part], names: list[str] | None = None, sink: Any = None) -> DeltaFn:
+        """The site's delta function fusing `parts` (the children present here, `names`).
+
+        `sink` records the attention when its `record` is on (this layer, or the site of a
+        per-layer fusion)."""
+        sink = self if sink is None else sink
         key_tensors = [t for p in parts for t in p.sources]
+        cache: dict[str, Any] = {}  # this site's folded matrices (inference)
+        if any(p.width_out is not None and p.width_out != self.d for p in parts):
+            return self._bind_input_side(parts, names, sink, key_tensors, cache)
         # Bottlenecks that all read the same z: z is the query and one stacked matmul gives
         # every a_n. Otherwise (LoRA, mixed inputs) the query is the module's output.
         shared = all(p.query is not None and p.reads == parts[0].reads for p in parts)
@@ -259,11 +374,38 @@ class FusionLayer(SiteDelta):
 
         def delta(x: Tensor, y_base: Tensor, y_cur: Tensor, scale: float, rows: Any) -> Tensor:
             h = parts[0].query(x, y_cur, rows) if shared else y_cur  # type: ignore[misc]
+            if h.shape[-1] != self.d:
+                raise Unsupported(
+                    f"this fusion's Q, K, V are {self.d} wide, the fused module writes {h.shape[-1]}; "
+                    "fuse per module (scope='module', `deltahub fuse --scope module`)"
+                )
             a = None if fast else [p.a(x, y_base, y_cur, rows) for p in parts]
             key = tuple((id(t), t._version) for t in [*key_tensors, *self.parameters()])
-            out, s = self.folded(h, parts, a, key)
-            if self.record:
-                self.last_attention, self.last_names = s.detach(), names
+            out, s = self.folded(h, parts, a, key, cache)
+            if sink.record:
+                sink.last_attention, sink.last_names = s.detach(), names
+            return out * scale if scale != 1.0 else out
+
+        return delta
+
+    def _bind_input_side(
+        self, parts: list[Part], names: Any, sink: Any, key_tensors: list[Tensor], cache: dict[str, Any]
+    ) -> DeltaFn:
+        """A site that reads d wide and writes another width: LoRAs only (see the header)."""
+        for p, name in zip(parts, names or [None] * len(parts), strict=True):
+            if p.lora_A is None or p.lora_A().shape[1] != self.d:
+                raise Unsupported(
+                    f"a per-layer fusion ({self.d} wide) cannot fuse {name or 'an adapter'} at a module "
+                    f"that writes {p.width_out or 'another width'} wide unless it is a LoRA reading "
+                    f"{self.d} wide; fuse per module (scope='module', `deltahub fuse --scope module`)"
+                )
+
+        def delta(x: Tensor, y_base: Tensor, y_cur: Tensor, scale: float, rows: Any) -> Tensor:
+            a = [p.a(x, y_base, y_cur, rows) for p in parts]
+            key = tuple((id(t), t._version) for t in [*key_tensors, *self.parameters()])
+            out, s = self.folded_input(x.to(self.fusion_query.weight.dtype), parts, a, key, cache)
+            if sink.record:
+                sink.last_attention, sink.last_names = s.detach(), names
             return out * scale if scale != 1.0 else out
 
         return delta
@@ -276,13 +418,117 @@ class FusionLayer(SiteDelta):
         raise Unsupported("a fusion runs over its adapters: activate Fuse(*adapters, name=<fusion>)")
 
 
+class LayerSite(SiteDelta):
+    """One fused module of a per-layer fusion: its layer's Q, K, V (shared), its own record."""
+
+    def __init__(self, layer: FusionLayer) -> None:
+        super().__init__()
+        self.layer = layer
+        self.record = False
+        self.last_attention: Tensor | None = None
+        self.last_names: list[str] | None = None
+
+    @property
+    def d(self) -> int:
+        return self.layer.d
+
+    @property
+    def fusion_query(self) -> nn.Linear:
+        return self.layer.fusion_query
+
+    @property
+    def fusion_key(self) -> nn.Linear:
+        return self.layer.fusion_key
+
+    @property
+    def fusion_value(self) -> nn.Linear:
+        return self.layer.fusion_value
+
+    def fuse(self, children: list[DeltaFn], names: list[str]) -> DeltaFn:
+        return self.layer.bind([part_of(fn) for fn in children], names, sink=self)
+
+    def delta(self, x: Tensor, y_base: Tensor, y_cur: Tensor, scale: float, rows: Any = None) -> Tensor:
+        raise Unsupported("a fusion runs over its adapters: activate Fuse(*adapters, name=<fusion>)")
+
+
+def hidden_width(base: nn.Module) -> int:
+    config = getattr(base, "config", None)
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        width = getattr(config, attr, None)
+        if isinstance(width, int):
+            return width
+    raise IncompatibleBase(
+        f"cannot tell the hidden size of {type(base).__name__} for a per-layer fusion; fuse per module"
+    )
+
+
+def _placed(layer: FusionLayer, module: nn.Module) -> FusionLayer:
+    ref = next(iter(module.parameters()), None)
+    if ref is not None and ref.is_floating_point():
+        layer.to(device=ref.device, dtype=ref.dtype)
+    return layer
+
+
 class Fusion(AdapterModule):
-    """The fusion parameters of every site, resident in an `AdaptedModel` like an adapter."""
+    """The fusion parameters, resident in an `AdaptedModel` like an adapter.
+
+    Per module (`scope="module"`): `paths`/`layers` are the fused modules and their
+    `FusionLayer`s. Per layer: `groups`/`group_layers` are the transformer layers and their
+    `FusionLayer`s, and `paths`/`layers` the fused modules seen so far, each a `LayerSite`
+    over its layer's `FusionLayer` (made on first use: a loaded fusion learns its modules
+    from the adapters it is activated with).
+    """
 
     method = "fusion"
 
+    @property
+    def scope(self) -> str:
+        return str(self.config.get("scope", "module"))
+
+    def fusion_layers(self) -> list[FusionLayer]:
+        """Each Q, K, V once (per module: one per site; per layer: one per layer)."""
+        return list(self.group_layers) if self.scope == "layer" else list(self.layers)  # type: ignore[arg-type]
+
+    def fusion_paths(self) -> list[str]:
+        """Where each of `fusion_layers` sits: the prefix of its tensors' names."""
+        return list(self.groups) if self.scope == "layer" else list(self.paths)
+
+    def delta_at(self, path: str) -> SiteDelta | None:
+        if self.scope != "layer" or path in self._by_path:
+            return super().delta_at(path)
+        group = self._group_index.get(layer_of(path))
+        if group is None:
+            return None
+        site = LayerSite(self.group_layers[group])  # type: ignore[arg-type]
+        self.paths.append(path)
+        self.layers.append(site)
+        self._by_path[path] = site
+        return site
+
+    @classmethod
+    def _build_layers(cls, base: nn.Module, cfg: FusionConfig, sites: list[str], groups: list[str]) -> Fusion:
+        d = hidden_width(base)
+        layers = []
+        for group in groups:
+            try:
+                module = base.get_submodule(group)
+            except AttributeError:
+                raise IncompatibleBase(
+                    f"fusion layer {group!r} does not exist in {type(base).__name__}"
+                ) from None
+            layers.append(_placed(FusionLayer(d, cfg.temperature), module))
+        fusion = cls(cfg.to_dict(), [], [])
+        fusion.groups = list(groups)
+        fusion.group_layers = nn.ModuleList(layers)
+        fusion._group_index = {g: i for i, g in enumerate(groups)}
+        for site in sites:
+            fusion.delta_at(site)
+        return fusion
+
     @classmethod
     def _build(cls, base: nn.Module, cfg: FusionConfig, sites: list[str]) -> Fusion:
+        if cfg.scope == "layer":
+            return cls._build_layers(base, cfg, sites, list(dict.fromkeys(layer_of(s) for s in sites)))
         width = getattr(getattr(base, "config", None), "hidden_size", None)
         layers = []
         for path in sites:
@@ -295,11 +541,7 @@ class Fusion(AdapterModule):
             d = linear_dims(module)[1] if is_linear(module) else width
             if not isinstance(d, int):
                 raise IncompatibleBase(f"cannot tell the output width of fusion site {path!r}")
-            layer = FusionLayer(d, cfg.temperature)
-            ref = next(iter(module.parameters()), None)
-            if ref is not None and ref.is_floating_point():
-                layer.to(device=ref.device, dtype=ref.dtype)
-            layers.append(layer)
+            layers.append(_placed(FusionLayer(d, cfg.temperature), module))
         return cls(cfg.to_dict(), sites, layers)
 
     @classmethod
@@ -324,8 +566,11 @@ class Fusion(AdapterModule):
         adapter: str,
     ) -> Fusion:
         cfg = FusionConfig.from_dict(config)
-        sites = list(dict.fromkeys(k.rsplit(".", 2)[0] for k in keys))
-        model = cls._build(base, cfg, sites)
+        prefixes = list(dict.fromkeys(k.rsplit(".", 2)[0] for k in keys))
+        if cfg.scope == "layer":
+            model = cls._build_layers(base, cfg, [], prefixes)
+        else:
+            model = cls._build(base, cfg, prefixes)
         expected = set(model.tensors())
         if set(keys) != expected:
             odd = sorted(set(keys) ^ expected)[0]
@@ -338,7 +583,7 @@ class Fusion(AdapterModule):
 
     def named_tensors(self) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
-        for path, layer in zip(self.paths, self.layers, strict=True):
+        for path, layer in zip(self.fusion_paths(), self.fusion_layers(), strict=True):
             for part in FUSION_PARTS:
                 module, attr = part.split(".")
                 out[f"{path}.{part}"] = getattr(getattr(layer, module), attr)
@@ -358,7 +603,7 @@ class Fusion(AdapterModule):
     def regularization(self) -> Tensor:
         """sum over sites of ||V - I||^2 (the paper's penalty keeping V near the identity)."""
         total = None
-        for layer in self.layers:
+        for layer in self.fusion_layers():
             V = layer.fusion_value.weight
             t = ((V - torch.eye(V.shape[0], device=V.device, dtype=V.dtype)) ** 2).sum()
             total = t if total is None else total + t
@@ -382,16 +627,50 @@ class Fusion(AdapterModule):
         load_constituents(model, artifact, registry)
 
 
-def add_fusion(model: Any, name: str, adapters: list[str], temperature: float = 1.0) -> Fusion:
-    """Fresh, trainable fusion parameters over resident `adapters`, registered as `name`."""
+def add_fusion(
+    model: Any, name: str, adapters: list[str], temperature: float = 1.0, scope: str = "layer"
+) -> Fusion:
+    """Fresh, trainable fusion parameters over resident `adapters`, registered as `name`
+    (`scope`: "layer", one Q, K, V per transformer layer; "module", one per fused module)."""
     if not adapters:
         raise InvalidConfig("a fusion needs at least one adapter")
-    sites = list(dict.fromkeys(p for a in adapters for p in model.get_adapter(a).paths))
+    sites = fused_sites(model, adapters)
     model.add_adapter(
-        name, {"method": "fusion", "adapters": list(adapters), "temperature": temperature, "sites": sites}
+        name,
+        {
+            "method": "fusion",
+            "adapters": list(adapters),
+            "temperature": temperature,
+            "scope": scope,
+            "sites": sites,
+        },
     )
     fusion = model.get_adapter(name)
     return fusion  # type: ignore[no-any-return]
+
+
+def fused_sites(model: Any, adapters: list[str]) -> list[str]:
+    return list(dict.fromkeys(p for a in adapters for p in model.get_adapter(a).paths))
+
+
+def fusion_size(base: nn.Module, sites: list[str], scope: str) -> dict[str, Any]:
+    """What a fusion over `sites` stores, before it is made: {"parameters", "bytes" (fp32),
+    "base_parameters", "base_bytes", "ratio"} (bytes of the base as loaded)."""
+    if scope == "layer":
+        d = hidden_width(base)
+        count = len(dict.fromkeys(layer_of(s) for s in sites)) * (3 * d * d + d)
+    else:
+        count = 0
+        for path in sites:
+            module = base.get_submodule(path)
+            d_out = linear_dims(module)[1] if is_linear(module) else hidden_width(base)
+            count += 3 * d_out * d_out + d_out
+    base_params = sum(p.numel() for p in base.parameters())
+    base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    return {
+        "scope": scope, "parameters": count, "bytes": 4 * count, "base_parameters": base_params,
+        "base_bytes": base_bytes, "ratio": 4 * count / max(base_bytes, 1),
+    }  # fmt: skip
 
 
 def fusions(model: Any) -> dict[str, Fusion]:

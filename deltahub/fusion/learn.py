@@ -2,7 +2,9 @@
 
 The model is an `AdaptedModel` holding the constituents (frozen unless
 `unfreeze_adapters`) and fresh fusion parameters (`deltahub.fusion.layer.add_fusion`),
-activated as `Fuse(*adapters, name=fusion)`. Training runs through
+activated as `Fuse(*adapters, name=fusion)`: one Q, K, V per transformer layer by default
+(`scope="layer"`), or per fused module (`scope="module"`, whose size is said before
+training: it can outgrow the base). Training runs through
 `deltahub.training.engine` with the paper's value penalty `lambda * sum ||V - I||^2`
 added to the loss. The published fusion pins every constituent by digest and records the
 mean attention each adapter got on the evaluation set (`attention_summary`).
@@ -11,7 +13,7 @@ mean attention each adapter got on the evaluation set (`attention_summary`).
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,10 @@ from deltahub import artifact as af
 from deltahub.compose.blocks import Fuse
 from deltahub.errors import InvalidConfig, Unsupported
 from deltahub.fusion.artifact import CONSTITUENT_ROLE
-from deltahub.fusion.layer import add_fusion, fusions
-from deltahub.training.data import Collator, Dataset
+from deltahub.fusion.layer import add_fusion, fused_sites, fusion_size, fusions
+from deltahub.methods.fusion.schema import SCOPES
+from deltahub.training.checkpoint import Checkpoint, checkpoint_dir
+from deltahub.training.data import Collator, Columns, Dataset
 from deltahub.training.engine import (
     TaskModel,
     TrainResult,
@@ -33,6 +37,7 @@ from deltahub.training.engine import (
     make_head,
     publish_artifact,
     run,
+    stderr_log,
 )
 
 __all__ = ["attention_summary", "fuse"]
@@ -65,27 +70,48 @@ def fuse(
     progress: bool = True,
     quantize: str | None = None,
     gradient_checkpointing: bool = False,
+    scope: str = "layer",
+    warmup_ratio: float = 0.0,
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    gradient_accumulation_steps: int = 1,
+    eval_steps: int | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    text_pair_column: str | None = None,
+    problem_type: str = "single-label",
+    base_model: str | None = None,
+    resume: bool = False,
+    checkpoint: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Learn an AdapterFusion over published adapters `refs` for a new task, and publish it.
 
     Only the fusion parameters and the task head train (and the adapters too with
     `unfreeze_adapters`; each tuned adapter is then published as `<name>.<adapter>` and
-    the fusion pins those). The manifest pins every constituent by digest and records the
-    mean attention each received on the evaluation set (training set if none).
+    the fusion pins those). `scope`: "layer" (one Q, K, V per transformer layer, the
+    default) or "module" (one per fused module; its size goes to `log` before training).
+    The manifest pins every constituent by digest and records the mean attention each
+    received on the evaluation set (training set if none). Data, publishing, checkpoints
+    and `resume` work as in `deltahub.training.train`.
     """
     from transformers import set_seed
 
     if len(refs) < 1:
         raise InvalidConfig("fuse needs at least one adapter reference")
+    if scope not in SCOPES:
+        raise InvalidConfig(f"fusion scope {scope!r} is not one of {', '.join(SCOPES)}")
+    log = log or (stderr_log if progress else None)
     if registry is None:
         from deltahub.registry import Registry
 
         registry = Registry()
-    if publish:  # fail now, not after training, on what the publish would refuse
-        check_publishable(registry, name, version, tags)
+    # Fail now, not after training, on what the publish would refuse.
+    check_publishable(registry if publish else None, name, version, tags)
     set_seed(seed)
     model, tokenizer, base_id = load_model(base, tokenizer, registry, quantize, gradient_checkpointing)
-    train_ds, eval_ds = datasets(task, data, eval_data, tokenizer, max_length)
+    columns = Columns(text_column, label_column, text_pair_column)
+    train_ds, eval_ds = datasets(task, data, eval_data, tokenizer, max_length, columns, problem_type)
     pinned = [registry.resolve(ref) for ref in refs]
     names = []
     for v in pinned:
@@ -94,16 +120,41 @@ def fuse(
         names.append(model.load(f"{v.full_name}@{v.digest}", name=v.full_name))
     if len(set(names)) != len(names):
         raise InvalidConfig(f"the adapters {list(refs)} name one adapter twice; fuse distinct adapters")
-    fusion = add_fusion(model, name, names, temperature)
+    size = fusion_size(model.base, fused_sites(model, names), scope)
+    if scope == "module" and log is not None:
+        per_layer = fusion_size(model.base, fused_sites(model, names), "layer")["ratio"]
+        log(
+            f"per-module fusion: {size['parameters']:,} parameters, {size['bytes'] / 1e6:.1f} MB "
+            f"({100 * size['ratio']:.0f}% of the base; per layer it would be {100 * per_layer:.0f}%)"
+        )
+    fusion = add_fusion(model, name, names, temperature, scope)
     model.activate(Fuse(*names, name=name))
     if unfreeze_adapters:
         for n in names:
             model.get_adapter(n).requires_grad_(True)
-    head = make_head(model, task, train_ds.label_map)
-    task_model = TaskModel(model, task, head, fusion, fusion_reg)
+    head = make_head(model, task, train_ds.label_map, problem_type)
+    task_model = TaskModel(model, task, head, fusion, fusion_reg, problem_type)
+    hyper = {
+        "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "max_length": max_length,
+        "patience": patience, "temperature": temperature, "fusion_reg": fusion_reg,
+        "unfreeze_adapters": unfreeze_adapters, "scope": scope, "warmup_ratio": warmup_ratio,
+        "warmup_steps": warmup_steps, "weight_decay": weight_decay,
+        "gradient_accumulation_steps": gradient_accumulation_steps, "eval_steps": eval_steps,
+    }  # fmt: skip
+    if task == "classification":
+        hyper.update(problem_type=problem_type, columns=vars(columns))
+    data_info = data_extra(train_ds, eval_ds)
+    ckpt = Checkpoint(checkpoint or checkpoint_dir(name, output_dir, getattr(registry, "home", None)))
+    identity = {
+        "kind": "fuse", "name": name, "hyperparameters": hyper, "data": data_info,
+        "constituents": [v.digest for v in pinned],
+    }  # fmt: skip
     metrics = run(
         task_model, train_ds, eval_ds, tokenizer, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-        patience=patience, progress=progress, output_dir=None,
+        patience=patience, progress=progress, output_dir=None, warmup_ratio=warmup_ratio,
+        warmup_steps=warmup_steps, weight_decay=weight_decay,
+        gradient_accumulation_steps=gradient_accumulation_steps, eval_steps=eval_steps, checkpoint=ckpt,
+        resume=resume, identity=identity, log=log,
     )  # fmt: skip
     attention = attention_summary(task_model, eval_ds or train_ds, tokenizer, batch_size)
 
@@ -112,29 +163,28 @@ def fuse(
     for n, v in zip(names, pinned, strict=True):
         ref, digest = v.ref, v.digest
         if unfreeze_adapters and publish:
-            tuned = _publish_tuned(model, n, v, name, base_id, task, registry)
+            tuned = _publish_tuned(model, n, v, name, base_model or base_id, task, registry)
             parents.append(af.Parent(ref=v.ref, digest=v.digest, role="trained-from"))
             ref, digest = tuned.ref, tuned.digest
         constituents.append({"name": n, "ref": ref, "digest": digest})
         parents.append(af.Parent(ref=ref, digest=digest, role=CONSTITUENT_ROLE))
     extra: dict[str, Any] = {
-        "fusion": {"constituents": constituents, "attention": attention, "attention_on": "eval" if eval_ds else "train"},
-        "hyperparameters": {
-            "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed, "max_length": max_length,
-            "patience": patience, "temperature": temperature, "fusion_reg": fusion_reg,
-            "unfreeze_adapters": unfreeze_adapters,
+        "fusion": {
+            "constituents": constituents, "attention": attention,
+            "attention_on": "eval" if eval_ds else "train", "scope": scope, "parameters": size["parameters"],
         },
-        "data": data_extra(train_ds, eval_ds),
+        "hyperparameters": hyper,
+        "data": data_info,
     }  # fmt: skip
     tensors = dict(fusion.tensors())
     if head is not None and train_ds.label_map is not None:
         extra["head"] = head.describe(train_ds.label_map.labels)
         tensors.update(head.tensors())
     manifest = af.Manifest(
-        name=name, method="fusion", base_model=base_id, base_fingerprint=model.fingerprint, task=task,
-        metrics=metrics, description=description, parents=parents, extra=extra,
+        name=name, method="fusion", base_model=base_model or base_id, base_fingerprint=model.fingerprint,
+        task=task, metrics=metrics, description=description, parents=parents, extra=extra,
     )  # fmt: skip
-    config = {"method": "fusion", "adapters": names, "temperature": float(temperature)}
+    config = {"method": "fusion", "adapters": names, "temperature": float(temperature), "scope": scope}
     published, path = publish_artifact(
         tensors, config, manifest, registry, publish, output_dir, version, tags
     )

@@ -8,23 +8,28 @@ gradient.
 with the task head and the loss:
 
 - classification: cross-entropy over the head's logits (`deltahub.training.head`);
+  with `problem_type="regression"` the mean squared error of its one output against a
+  float label, with `"multi-label"` binary cross-entropy over one logit per label;
 - causal-lm: next-token cross-entropy on the labelled positions (-100 marks the prompt
   and the padding);
 - plus `lambda * R` when the trainable part has a penalty `R = regularization()` (a
   fusion's `sum ||V - I||^2`, the paper's value regularization).
 
 `run` trains whatever parameters require a gradient with transformers' `Trainer` (so
-multi-GPU, mixed precision and the progress bar come from the existing engine),
-evaluating every epoch and stopping early on the evaluation metric (accuracy, or the loss
-for causal-lm). The best epoch's trainable weights are kept in memory and restored at the
-end: no checkpoint files, since Trainer's resume state is pickled and we never write
-pickles.
+multi-GPU, mixed precision, warmup, weight decay and gradient accumulation come from the
+existing engine), evaluating every epoch (or every `eval_steps`) and stopping early on the
+evaluation metric (accuracy, mse for regression, micro-F1 for multi-label, the loss for
+causal-lm). The best evaluation's trainable weights are kept in memory and restored at the
+end, and saved as a checkpoint (`deltahub.training.checkpoint`: safetensors and JSON, no
+pickle) that `resume=True` continues from; Ctrl-C raises `TrainingInterrupted` with the
+checkpoint kept. One line per epoch goes to `log`: loss, eval metric, best so far.
 """
 
 from __future__ import annotations
 
+import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +40,8 @@ from torch import Tensor, nn
 
 from deltahub import artifact as af
 from deltahub.errors import AlreadyExists, InvalidConfig, NotFound, Unsupported
-from deltahub.training.data import TASKS, Collator, Dataset, LabelMap, load_dataset
+from deltahub.training.checkpoint import Checkpoint, TrainingInterrupted, checkpoint_trainer
+from deltahub.training.data import PROBLEM_TYPES, TASKS, Collator, Columns, Dataset, LabelMap, load_dataset
 from deltahub.training.head import TaskHead, default_pooling
 
 METHODS = ("lora", "houlsby", "pfeiffer", "parallel", "ia3", "bitfit", "ssf", "prompt", "prefix", "ptuning-v2")  # fmt: skip
@@ -55,10 +61,14 @@ class TaskModel(nn.Module):
         head: TaskHead | None = None,
         fusion: Any = None,
         fusion_reg: float = 0.0,
+        problem_type: str = "single-label",
     ) -> None:
         super().__init__()
+        if problem_type not in PROBLEM_TYPES:
+            raise InvalidConfig(f"problem_type {problem_type!r} is not one of {', '.join(PROBLEM_TYPES)}")
         self.model = model
         self.task = task
+        self.problem_type = problem_type
         self.head = head
         # Not a submodule: its parameters are the model's already.
         object.__setattr__(self, "fusion", fusion)
@@ -71,7 +81,7 @@ class TaskModel(nn.Module):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
             hidden = out.hidden_states[-1]  # (B, T, d), after the final norm
             logits = self.head(hidden, attention_mask)  # type: ignore[misc]  # (B, K)
-            loss = None if labels is None else F.cross_entropy(logits.float(), labels)
+            loss = None if labels is None else self.classification_loss(logits.float(), labels)
         else:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask)
             logits = out.logits  # (B, T, V)
@@ -83,6 +93,13 @@ class TaskModel(nn.Module):
         if loss is not None and self.fusion is not None and self.fusion_reg > 0 and self.training:
             loss = loss + self.fusion_reg * self.fusion.regularization()
         return {"loss": loss, "logits": logits}
+
+    def classification_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if self.problem_type == "regression":
+            return F.mse_loss(logits.squeeze(-1), labels.float())  # (B,) against float labels
+        if self.problem_type == "multi-label":
+            return F.binary_cross_entropy_with_logits(logits, labels.float())  # (B, K) multi-hot
+        return F.cross_entropy(logits, labels.long())
 
 
 @dataclass
@@ -108,15 +125,33 @@ def adapter_config(
     target_modules: Sequence[str] | str | None = None,
     reduction_factor: float | None = 16,
     bottleneck_size: int | None = None,
+    *,
+    use_dora: bool = False,
+    use_rslora: bool = False,
+    lora_dropout: float = 0.0,
+    num_virtual_tokens: int | None = None,
 ) -> dict[str, Any]:
     """The `add_adapter` config for a `--method` name."""
+    if method != "lora" and (use_dora or use_rslora or lora_dropout):
+        raise InvalidConfig(f"DoRA, rsLoRA and LoRA dropout are LoRA options; method {method!r} has none")
+    if num_virtual_tokens is not None and method not in ("prompt", "prefix", "ptuning-v2"):
+        raise InvalidConfig(f"num_virtual_tokens is for prompt, prefix and ptuning-v2, not {method!r}")
     if method == "lora":
+        if not 0.0 <= lora_dropout < 1.0:
+            raise InvalidConfig(f"lora_dropout must be in [0, 1), got {lora_dropout}")
         tm: Any = target_modules or "all-linear"
         if isinstance(tm, (list, tuple)):
             tm = list(tm)
-        return {"method": "lora", "r": int(r), "lora_alpha": alpha, "target_modules": tm}
+        cfg: dict[str, Any] = {"method": "lora", "r": int(r), "lora_alpha": alpha, "target_modules": tm}
+        if use_dora:
+            cfg["use_dora"] = True
+        if use_rslora:
+            cfg["use_rslora"] = True
+        if lora_dropout:
+            cfg["lora_dropout"] = float(lora_dropout)
+        return cfg
     if method in ("houlsby", "pfeiffer", "parallel"):
-        cfg: dict[str, Any] = {"method": "bottleneck", "variant": method}
+        cfg = {"method": "bottleneck", "variant": method}
         if bottleneck_size is not None:
             cfg["bottleneck_size"] = int(bottleneck_size)
         else:
@@ -125,7 +160,10 @@ def adapter_config(
     if method in ("ia3", "bitfit", "ssf"):  # defaults per model type (compose.methods)
         return {"method": method, **({"target_modules": list(target_modules)} if target_modules else {})}
     if method in ("prompt", "prefix", "ptuning-v2"):  # prefix: Li & Liang's MLP while training
-        cfg = {"method": method, "num_virtual_tokens": 20}
+        tokens = 20 if num_virtual_tokens is None else int(num_virtual_tokens)
+        if tokens <= 0:
+            raise InvalidConfig(f"num_virtual_tokens must be positive, got {tokens}")
+        cfg = {"method": method, "num_virtual_tokens": tokens}
         return {**cfg, "prefix_projection": True} if method == "prefix" else cfg
     raise InvalidConfig(f"method {method!r} is not one of {', '.join(METHODS)}")
 
@@ -136,11 +174,14 @@ def load_model(
     """(AdaptedModel, tokenizer, base id) from a path/hub id or an already-built module.
 
     With `quantize` the base is 4/8-bit and set up for QLoRA (`compose.quant.prepare_for_training`).
+    `tokenizer` may be a tokenizer, or a directory or hub id to load one from.
     """
     from deltahub.compose.base import load_base
     from deltahub.compose.model import AdaptedModel
 
     base_id = None
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = _load_tokenizer(tokenizer)
     if isinstance(base, nn.Module):
         module = load_base(base, device="cpu" if not torch.cuda.is_available() else None, quantize=quantize)
         base_id = getattr(getattr(base, "config", None), "_name_or_path", None) or None
@@ -150,12 +191,7 @@ def load_model(
         module = load_base(base, quantize=quantize)
         base_id = str(base)
         if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(str(base))
-            except (OSError, ValueError) as e:
-                raise InvalidConfig(f"cannot load a tokenizer from {base}: {e}") from None
+            tokenizer = _load_tokenizer(base)
     if quantize is not None:
         from deltahub.compose.quant import prepare_for_training
 
@@ -167,23 +203,41 @@ def load_model(
     return AdaptedModel(module, registry=registry), tokenizer, base_id
 
 
+def _load_tokenizer(source: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as e:
+        raise InvalidConfig(f"cannot load a tokenizer from {source}: {e}") from None
+
+
 def datasets(
-    task: str, data: Any, eval_data: Any, tokenizer: Any, max_length: int
+    task: str,
+    data: Any,
+    eval_data: Any,
+    tokenizer: Any,
+    max_length: int,
+    columns: Columns | None = None,
+    problem_type: str = "single-label",
 ) -> tuple[Dataset, Dataset | None]:
+    """Tokenized training and evaluation sets from files or `datasets.Dataset`s."""
     if task not in TASKS:
         raise InvalidConfig(f"task {task!r} is not one of {', '.join(TASKS)}")
-    train_ds = data if isinstance(data, Dataset) else load_dataset(data, task, tokenizer, max_length)
-    eval_ds = None
-    if eval_data is not None:
-        eval_ds = (
-            eval_data
-            if isinstance(eval_data, Dataset)
-            else load_dataset(eval_data, task, tokenizer, max_length, train_ds.label_map)
-        )
+
+    def load(source: Any, label_map: LabelMap | None) -> Dataset:
+        if isinstance(source, Dataset):
+            return source
+        return load_dataset(source, task, tokenizer, max_length, label_map, columns, problem_type)
+
+    train_ds = load(data, None)
+    eval_ds = None if eval_data is None else load(eval_data, train_ds.label_map)
     return train_ds, eval_ds
 
 
-def make_head(model: Any, task: str, labels: LabelMap | None) -> TaskHead | None:
+def make_head(
+    model: Any, task: str, labels: LabelMap | None, problem_type: str = "single-label"
+) -> TaskHead | None:
     if task != "classification":
         if getattr(model.base, "get_output_embeddings", lambda: None)() is None:
             raise Unsupported(
@@ -191,19 +245,67 @@ def make_head(model: Any, task: str, labels: LabelMap | None) -> TaskHead | None
             )
         return None
     width = getattr(model.base.config, "hidden_size", None) or getattr(model.base.config, "n_embd", None)
-    head = TaskHead(int(width), len(labels.labels), default_pooling(model.base))  # type: ignore[union-attr]
+    outputs = 1 if problem_type == "regression" else len(labels.labels)  # type: ignore[union-attr]
+    head = TaskHead(int(width), outputs, default_pooling(model.base), problem_type)
     return head.to(next(model.base.parameters()).device)
 
 
 class _BestEpoch:
-    """Trainer callback: early stopping on an eval metric, best trainable weights kept in memory."""
+    """Trainer callback: early stopping on an eval metric, the best trainable weights kept in
+    memory and in the checkpoint, and one line per epoch."""
 
-    def __init__(self, params: dict[str, nn.Parameter], metric: str, greater: bool, patience: int) -> None:
+    def __init__(
+        self,
+        params: dict[str, nn.Parameter],
+        metric: str,
+        greater: bool,
+        patience: int,
+        epochs: int,
+        has_eval: bool,
+        per_epoch_eval: bool,
+        checkpoint: Checkpoint | None,
+        identity: dict[str, Any],
+        log: Callable[[str], None] | None,
+    ) -> None:
         self.params, self.metric, self.greater, self.patience = params, metric, greater, patience
+        self.epochs, self.has_eval, self.per_epoch_eval = epochs, has_eval, per_epoch_eval
+        self.checkpoint, self.identity, self.log = checkpoint, identity, log
         self.best: float | None = None
         self.best_epoch: float | None = None
         self.snapshot: dict[str, Tensor] | None = None
         self.bad = 0
+        self.loss: float | None = None  # the last epoch's training loss
+        self.last: float | None = None  # the last evaluation's metric
+        self.active = True  # off for the evaluation after training
+
+    def resume_from(self, info: dict[str, Any], weights: dict[str, Tensor]) -> None:
+        self.best, self.best_epoch, self.bad = (
+            info.get("best"),
+            info.get("best_epoch"),
+            int(info.get("bad", 0)),
+        )
+        self.snapshot = {k: v.to(self.params[k].device) for k, v in weights.items()}
+
+    def save(self, state: Any, optimizer: Any, scheduler: Any) -> None:
+        if self.checkpoint is None or optimizer is None or scheduler is None:
+            return
+        info = {
+            "identity": self.identity, "best": self.best, "best_epoch": self.best_epoch, "bad": self.bad,
+            "metric": self.metric, "global_step": state.global_step, "epoch": state.epoch,
+        }  # fmt: skip
+        self.checkpoint.save(self.params, optimizer, scheduler, state, info)
+
+    def line(self, epoch: float | None) -> None:
+        if self.log is None:
+            return
+        parts = [f"epoch {round(epoch or 0)}/{self.epochs}"]
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4f}")
+        if self.last is not None:
+            parts.append(f"{self.metric} {self.last:.4f}")
+        if self.best is not None:
+            parts.append(f"best {self.metric} {self.best:.4f} (epoch {self.best_epoch or 0:.3g})")
+        self.log("  ".join(parts))
 
     def callback(self) -> Any:
         from transformers import TrainerCallback
@@ -211,22 +313,36 @@ class _BestEpoch:
         keeper = self
 
         class Callback(TrainerCallback):
+            def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+                if keeper.active and logs and "loss" in logs:
+                    keeper.loss = float(logs["loss"])
+                    if not keeper.per_epoch_eval:  # no evaluation to wait for at this epoch's end
+                        keeper.line(state.epoch)
+
+            def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                if keeper.active and not keeper.has_eval:  # the latest epoch is the best known
+                    keeper.save(state, kw.get("optimizer"), kw.get("lr_scheduler"))
+
             def on_evaluate(
                 self, args: Any, state: Any, control: Any, metrics: Any = None, **kw: Any
             ) -> None:
                 value = (metrics or {}).get(f"eval_{keeper.metric}")
-                if value is None:
+                if value is None or not keeper.active:
                     return
+                keeper.last = float(value)
                 better = keeper.best is None or (
                     value > keeper.best if keeper.greater else value < keeper.best
                 )
                 if better:
-                    keeper.best, keeper.best_epoch, keeper.bad = value, state.epoch, 0
+                    keeper.best, keeper.best_epoch, keeper.bad = float(value), state.epoch, 0
                     keeper.snapshot = {k: p.detach().clone() for k, p in keeper.params.items()}
+                    keeper.save(state, kw.get("optimizer"), kw.get("lr_scheduler"))
                 else:
                     keeper.bad += 1
                     if keeper.patience > 0 and keeper.bad >= keeper.patience:
                         control.should_training_stop = True
+                if keeper.per_epoch_eval:
+                    keeper.line(state.epoch)
 
         return Callback()
 
@@ -253,6 +369,44 @@ def _quiet_progress() -> type:
     return QuietProgress
 
 
+def stderr_log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def training_arguments(**kwargs: Any) -> Any:
+    """transformers' `TrainingArguments` (one place, so tests can see what training gets)."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(**kwargs)
+
+
+def _metric_for(task_model: TaskModel) -> tuple[str, bool]:
+    """(eval metric, whether greater is better)."""
+    if task_model.task != "classification":
+        return "loss", False
+    return {"regression": ("mse", False), "multi-label": ("f1", True)}.get(
+        task_model.problem_type, ("accuracy", True)
+    )
+
+
+def _compute_metrics(problem_type: str) -> Callable[[Any], dict[str, float]]:
+    import numpy as np
+
+    def compute(pred: Any) -> dict[str, float]:
+        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        labels = pred.label_ids
+        if problem_type == "regression":
+            return {"mse": float(((logits.reshape(-1) - labels.reshape(-1)) ** 2).mean())}
+        if problem_type == "multi-label":
+            guess, truth = logits > 0, labels > 0.5
+            tp = float(np.logical_and(guess, truth).sum())
+            denom = float(guess.sum() + truth.sum())
+            return {"f1": 2 * tp / denom if denom else 1.0}
+        return {"accuracy": float((logits.argmax(-1) == labels).mean())}
+
+    return compute
+
+
 def run(
     task_model: TaskModel,
     train_ds: Dataset,
@@ -266,31 +420,59 @@ def run(
     patience: int,
     progress: bool,
     output_dir: str | None,
+    warmup_ratio: float = 0.0,
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    gradient_accumulation_steps: int = 1,
+    eval_steps: int | None = None,
+    checkpoint: Checkpoint | None = None,
+    resume: bool = False,
+    identity: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
-    """Train the parameters of `task_model` that require grad; return the final metrics."""
-    from transformers import Trainer, TrainingArguments
+    """Train the parameters of `task_model` that require grad; return the final metrics.
 
+    `checkpoint` keeps the best state so far (`resume=True` continues from it, refusing one
+    of another training: `identity` says what this one is); it is removed once training
+    ends well. Ctrl-C raises `TrainingInterrupted` naming the checkpoint kept.
+    """
     if epochs <= 0 or batch_size <= 0 or lr <= 0:
         raise InvalidConfig(f"epochs ({epochs}), batch size ({batch_size}) and lr ({lr}) must be positive")
+    if gradient_accumulation_steps <= 0 or (eval_steps is not None and eval_steps <= 0):
+        raise InvalidConfig("gradient accumulation steps and eval steps must be positive")
+    if warmup_ratio and warmup_steps:
+        raise InvalidConfig("give warmup as a ratio or as steps, not both")
+    if not 0.0 <= warmup_ratio < 1.0 or warmup_steps < 0 or weight_decay < 0:
+        raise InvalidConfig("warmup ratio must be in [0, 1), warmup steps and weight decay non-negative")
+    if eval_steps is not None and eval_ds is None:
+        raise InvalidConfig("eval steps need evaluation data (--eval)")
     params = {n: p for n, p in task_model.named_parameters() if p.requires_grad}
     if not params:
         raise InvalidConfig("nothing to train: no parameter requires a gradient")
     classification = task_model.task == "classification"
-    metric = "accuracy" if classification else "loss"
-    keeper = _BestEpoch(params, metric, greater=classification, patience=patience)
-
-    def compute_metrics(pred: Any) -> dict[str, float]:
-        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-        return {"accuracy": float((logits.argmax(-1) == pred.label_ids).mean())}
+    metric, greater = _metric_for(task_model)
+    identity = identity or {}
+    keeper = _BestEpoch(
+        params, metric, greater, patience, epochs, eval_ds is not None, eval_ds is not None and eval_steps is None,
+        checkpoint, identity, log,
+    )  # fmt: skip
+    resume_from = None
+    if resume:
+        if checkpoint is None:
+            raise InvalidConfig("resume needs a checkpoint directory")
+        info = checkpoint.check(identity)
+        keeper.resume_from(info, checkpoint.load_weights(params))
+        resume_from = str(checkpoint.path)
 
     with tempfile.TemporaryDirectory(prefix="deltahub-train-") as tmp:
-        args = TrainingArguments(
+        args = training_arguments(
             output_dir=output_dir or tmp,
             num_train_epochs=epochs,
             learning_rate=lr,
             per_device_train_batch_size=batch_size,
             per_device_eval_batch_size=batch_size,
-            eval_strategy="epoch" if eval_ds is not None else "no",
+            eval_strategy="no" if eval_ds is None else ("steps" if eval_steps else "epoch"),
+            eval_steps=eval_steps,
             save_strategy="no",
             logging_strategy="epoch",
             report_to="none",
@@ -298,20 +480,23 @@ def run(
             data_seed=seed,
             remove_unused_columns=False,
             disable_tqdm=not progress,
-            weight_decay=0.0,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_ratio or warmup_steps,  # below 1: a ratio of all steps
+            gradient_accumulation_steps=gradient_accumulation_steps,
             dataloader_num_workers=0,
             prediction_loss_only=not classification,
             use_cpu=not torch.cuda.is_available(),
         )
-        trainer = Trainer(
+        trainer = checkpoint_trainer()(
             model=task_model,
             args=args,
             train_dataset=train_ds,
             eval_dataset=eval_ds,
             data_collator=Collator(tokenizer.pad_token_id),
-            compute_metrics=compute_metrics if classification else None,
+            compute_metrics=_compute_metrics(task_model.problem_type) if classification else None,
             callbacks=[keeper.callback()],
         )
+        trainer.checkpoint, trainer.trainable = checkpoint, params
         if not progress:
             from transformers.trainer_callback import PrinterCallback
 
@@ -321,7 +506,12 @@ def run(
 
             trainer.remove_callback(ProgressCallback)
             trainer.add_callback(_quiet_progress())
-        out = trainer.train()
+        try:
+            out = trainer.train(resume_from_checkpoint=resume_from)
+        except KeyboardInterrupt:
+            kept = checkpoint.path if checkpoint is not None and checkpoint.exists() else None
+            raise TrainingInterrupted(kept) from None
+        keeper.active = False
         keeper.restore()
         metrics: dict[str, float] = {
             "train_loss": float(out.training_loss),
@@ -330,10 +520,12 @@ def run(
         if eval_ds is not None:
             final = trainer.evaluate()
             if classification:
-                metrics["accuracy"] = float(final["eval_accuracy"])
+                metrics[metric] = float(final[f"eval_{metric}"])
             metrics["eval_loss"] = float(final["eval_loss"])
             if keeper.best_epoch is not None:
                 metrics["best_epoch"] = float(keeper.best_epoch)
+    if checkpoint is not None:
+        checkpoint.remove()
     task_model.eval()
     return metrics
 

@@ -2,6 +2,8 @@
 
     logits = W pool(H) + b,    H = the base's last hidden states (B, T, d)
 
+One logit per label (single-label: softmax over them; multi-label: a sigmoid each), or
+one output for regression (`problem_type`, recorded in the manifest's `extra["head"]`).
 `pool` is the mean over non-padding tokens for encoders and the last non-padding token for
 decoders (a causal model's last position is the only one that has read the whole text).
 
@@ -32,11 +34,14 @@ def default_pooling(base: nn.Module) -> str:
 class TaskHead(nn.Module):
     """Pool the hidden states, then one linear layer to `num_labels` logits."""
 
-    def __init__(self, d: int, num_labels: int, pooling: str = "mean") -> None:
+    def __init__(
+        self, d: int, num_labels: int, pooling: str = "mean", problem_type: str = "single-label"
+    ) -> None:
         super().__init__()
         if pooling not in ("mean", "last"):
             raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
         self.pooling = pooling
+        self.problem_type = problem_type
         self.classifier = nn.Linear(d, num_labels)
 
     def pool(self, hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
@@ -60,7 +65,10 @@ class TaskHead(nn.Module):
 
     def describe(self, labels: list[str]) -> dict[str, Any]:
         """What goes in the manifest's `extra["head"]`."""
-        return {"type": "classifier", "pooling": self.pooling, "num_labels": len(labels), "labels": labels}
+        info = {"type": "classifier", "pooling": self.pooling, "num_labels": len(labels), "labels": labels}
+        if self.problem_type != "single-label":  # absent: single-label, as heads saved before
+            info.update(problem_type=self.problem_type, num_outputs=self.classifier.out_features)
+        return info
 
     @classmethod
     def from_artifact(cls, artifact: Any, d: int) -> TaskHead:
@@ -78,7 +86,7 @@ class TaskHead(nn.Module):
             b = f.get_tensor(f"{HEAD_PREFIX}classifier.bias")
         if w.shape[1] != d:
             raise IncompatibleBase(f"the task head reads width {w.shape[1]}, the base has {d}")
-        head = cls(d, w.shape[0], info.get("pooling", "mean"))
+        head = cls(d, w.shape[0], info.get("pooling", "mean"), info.get("problem_type", "single-label"))
         with torch.no_grad():
             head.classifier.weight.copy_(w)
             head.classifier.bias.copy_(b)

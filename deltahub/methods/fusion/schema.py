@@ -6,10 +6,14 @@ AdapterFusion (`"method": "fusion"`), adapter_config.json:
       "method": "fusion",
       "adapters": ["sentiment", "topic"],   # the constituents' names (pinned by digest in
                                             # the manifest's parents, role "constituent")
-      "temperature": 1.0                    # T in softmax(q . k / T)
+      "temperature": 1.0,                   # T in softmax(q . k / T)
+      "scope": "layer"                      # "layer": Q, K, V per transformer layer;
+                                            # "module" (the default when absent, as
+                                            # fusions made before scopes): per fused module
     }
 
-Tensors, for each fused module `<site>` of width d:
+Tensors, for each fused module `<site>` of width d ("module"), or each transformer layer
+`<site>` (`encoder.layer.3`) of hidden size d ("layer"):
 
     <site>.fusion_query.weight (d, d)   <site>.fusion_query.bias (d,)
     <site>.fusion_key.weight   (d, d)   <site>.fusion_value.weight (d, d)
@@ -25,6 +29,7 @@ from deltahub.fileformat import TASK_HEAD_PREFIX, TensorInfo
 from deltahub.methods.checks import bad, is_num
 
 FUSION_PARTS = ("fusion_query.weight", "fusion_query.bias", "fusion_key.weight", "fusion_value.weight")
+SCOPES = ("layer", "module")
 
 
 @dataclass
@@ -34,6 +39,7 @@ class FusionConfig:
     adapters: list[str]
     temperature: float = 1.0
     method: str = "fusion"
+    scope: str = "module"
 
     def __post_init__(self) -> None:
         if self.method != "fusion":
@@ -49,6 +55,8 @@ class FusionConfig:
         if not is_num(self.temperature) or self.temperature <= 0:
             raise bad(f"temperature must be a positive number, got {self.temperature!r}")
         self.temperature = float(self.temperature)
+        if self.scope not in SCOPES:
+            raise bad(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> FusionConfig:
