@@ -209,3 +209,25 @@ def register(cli: click.Group) -> None:
                 click.echo(json.dumps(result, sort_keys=True, default=str))
             else:
                 _echo_answer(result, batch=True)
+
+
+def predict_serve_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`deltahub serve --predict-base PATH [--predict-device D]`: the opt-in prediction route."""
+    fn = click.option(
+        "--predict-device", help="With --predict-base: where the base runs (default: cuda when present)."
+    )(fn)
+    return click.option(
+        "--predict-base",
+        type=click.Path(exists=True, file_okay=False),
+        help="Load this base model directory once and answer POST /v1/predict (read token) with "
+        "the registry's adapters on it.",
+    )(fn)
+
+
+def predict_stores(predict_base: str | None, predict_device: str | None) -> dict[str, Any]:
+    """`create_app` keywords for the options above."""
+    if predict_base is None:
+        if predict_device is not None:
+            raise click.UsageError("--predict-device goes with --predict-base")
+        return {}
+    return {"predict_base": predict_base, "predict_options": {"device": predict_device}}

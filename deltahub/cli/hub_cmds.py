@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from deltahub.cli.compose_cmds import predict_serve_options, predict_stores
 from deltahub.cli.output import handle_errors, json_option, print_json, print_table
 
 
@@ -83,6 +84,7 @@ def _byte_progress(description: str) -> Iterator[tuple[Callable[[int], None], Ca
     show_default=True,
     help="Seconds an idle kept-alive connection stays open.",
 )
+@predict_serve_options
 @handle_errors
 def serve(
     home: str | None,
@@ -94,6 +96,8 @@ def serve(
     limit_concurrency: int,
     header_timeout: float,
     timeout_keep_alive: int,
+    predict_base: str | None,
+    predict_device: str | None,
 ) -> None:
     """Serve the registry over HTTP for push, pull, search and Hugging Face downloads.
 
@@ -119,6 +123,7 @@ def serve(
         limit_concurrency=limit_concurrency,
         header_timeout=header_timeout,
         timeout_keep_alive=timeout_keep_alive,
+        stores=predict_stores(predict_base, predict_device),
     )
 
 

@@ -37,6 +37,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from deltahub.errors import DeltahubError, Unsupported
 from deltahub.hub import api, hf_routes
 from deltahub.hub import blobs as blob_routes
+from deltahub.hub import predict as predict_routes
 from deltahub.hub.auth import AuthThrottle
 from deltahub.hub.remotes import is_loopback
 from deltahub.hub.responses import deltahub_error, http_error, internal_error
@@ -107,12 +108,16 @@ def create_app(
     blobs: str | None = None,
     s3_endpoint_url: str | None = None,
     redirect_downloads: bool = False,
+    predict_base: str | Path | None = None,
+    predict_options: dict[str, Any] | None = None,
 ) -> Starlette:
     """The ASGI app serving the registry at `home` (default `$DELTAHUB_HOME`).
 
     `db` (`sqlite:///PATH` or `postgresql://...`) and `blobs` (a directory or
     `s3://BUCKET/PREFIX`) move the metadata and the blobs out of the home: see meta.py
     and blobstores.py. Several processes may serve one PostgreSQL database and one bucket.
+    `predict_base` (a model directory) loads that base once and adds `POST /v1/predict`
+    (predict.py; `predict_options`: device, quantize).
     """
     s3 = (
         {"endpoint_url": s3_endpoint_url, "redirect": redirect_downloads}
@@ -138,6 +143,7 @@ def create_app(
         Route("/v1/resolve/{ref:path}", api.resolve_ref),
         Route("/v1/manifest/{ref:path}", api.get_manifest),
         Route("/v1/blobs/{digest}", blob_routes.get_blob, methods=["GET", "HEAD"]),
+        *predict_routes.routes(predict_base is not None),
         *hf_routes.routes(),
     ]
     app = Starlette(
@@ -149,6 +155,9 @@ def create_app(
         },
     )
     app.state.hub = hub
+    app.state.predictor = (
+        predict_routes.predictor_for(hub, predict_base, **(predict_options or {})) if predict_base else None
+    )
     return app
 
 
@@ -255,7 +264,8 @@ def serve(
 ) -> None:
     """Run the hub server in the foreground until interrupted.
 
-    `stores`: `create_app`'s db / blobs / s3_endpoint_url / redirect_downloads;
+    `stores`: `create_app`'s db / blobs / s3_endpoint_url / redirect_downloads (and
+    predict_base / predict_options);
     `limits`: see `uvicorn_config`.
     """
     import uvicorn
