@@ -481,3 +481,22 @@ def test_a_nested_classification_head_is_saved_merged_and_restored(tmp_path):
     # RobertaClassificationHead (dense + out_proj) is saved whole, swapped, merged, restored.
     case = Case("modules_to_save (SEQ_CLS LoRA)", "roberta", seq_cls, _lora(task_type="SEQ_CLS"))
     assert check_case(case, tmp_path)["merge"] is not None
+
+
+def test_targets_inside_a_saved_head_are_left_to_the_head_as_peft_does(tmp_path):
+    base = seq_cls("roberta")  # "dense" also names classifier.dense, inside the saved head
+    config = {"target_modules": ["dense", "query"], "modules_to_save": ["classifier"], "task_type": "SEQ_CLS"}
+    saved = peft_save(tmp_path / "peft", base, _lora(**config)("roberta"))
+    assert not any("classifier" in n and "lora_A" in n for n, _ in saved.named_parameters())
+    model = AdaptedModel(load_base(copy.deepcopy(base), device="cpu"))
+    model.add_adapter("mine", {"method": "lora", "r": 4, "lora_alpha": 8, **config})
+    assert not any(p.startswith("classifier.") for p in model.get_adapter("mine").paths)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.get_adapter("mine").parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    model.activate("mine")
+    x = ids()
+    out = model.save_adapter("mine", tmp_path / "mine")
+    Registry().publish(out, "mine")  # valid at the door
+    assert (run(peft_load(base, out), x) - run(model, x)).abs().max().item() <= TOL

@@ -42,7 +42,14 @@ from deltahub.methods.affine import fold_input, fold_output, restore
 from deltahub.methods.common import AdapterModule, SiteDelta
 from deltahub.methods.lora import extras as ex
 from deltahub.methods.lora.runtime import PREFIX, dequantized_weight
-from deltahub.methods.lora.saved import build_sites, factor_layer, fresh_extras, has_saved
+from deltahub.methods.lora.saved import (
+    build_sites,
+    factor_layer,
+    fresh_extras,
+    has_saved,
+    outside_saved,
+    saved_module_paths,
+)
 from deltahub.patterns import fullmatch
 
 KEY = "ia3_l"
@@ -144,7 +151,9 @@ class IA3Adapter(AdapterModule):
         """Fresh vectors (all ones: the identity) on `target_modules`."""
         full = default_config(base, config)
         cls._check_config(full)
-        names = find_targets(base, full, what="IA3")
+        names = outside_saved(find_targets(base, full, what="IA3"), saved_module_paths(base, full))
+        if not names:
+            raise InvalidConfig("every target_modules match lies inside a modules_to_save module")
         if any(is_conv1d(base.get_submodule(n)) for n in names):
             full["fan_in_fan_out"] = True  # what PEFT sets for GPT-2's Conv1D
         paths, layers = [], []

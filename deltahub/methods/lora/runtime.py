@@ -52,7 +52,14 @@ from deltahub.errors import IncompatibleBase, InvalidArtifact, InvalidConfig, Un
 from deltahub.methods.common import AdapterModule, SiteDelta
 from deltahub.methods.lora import extras as ex
 from deltahub.methods.lora.embedding import LoraEmbedding, is_embedding
-from deltahub.methods.lora.saved import build_sites, factor_layer, fresh_extras, has_saved
+from deltahub.methods.lora.saved import (
+    build_sites,
+    factor_layer,
+    fresh_extras,
+    has_saved,
+    outside_saved,
+    saved_module_paths,
+)
 from deltahub.methods.lora.schema import unsupported_option
 from deltahub.patterns import lora_scaling, pattern_value
 
@@ -265,7 +272,11 @@ class LoraAdapter(AdapterModule):
         with trainable copies of `modules_to_save` and of the biases `bias` names."""
         full = default_config(config)
         cls._check_config(full)
-        names = find_targets(base, full, accept=lora_target, what="LoRA")
+        names = outside_saved(
+            find_targets(base, full, accept=lora_target, what="LoRA"), saved_module_paths(base, full)
+        )
+        if not names:
+            raise InvalidConfig("every target_modules match lies inside a modules_to_save module")
         if any(_stored_in_out(base.get_submodule(n)) for n in names):
             full["fan_in_fan_out"] = True  # what PEFT sets (with a warning) for GPT-2's Conv1D
         sites: dict[str, SiteDelta] = {}

@@ -281,22 +281,35 @@ def has_saved(layers: list[SiteDelta]) -> bool:
     return any(isinstance(layer, (SavedModule, SavedParams)) for layer in layers)
 
 
+def saved_module_paths(base: nn.Module, config: dict[str, Any]) -> list[str]:
+    """The modules `modules_to_save` selects in `base` (PEFT's `endswith` match; the
+    outermost one where they nest)."""
+    try:
+        mts = modules_to_save_of(config)
+    except InvalidArtifact as e:
+        raise InvalidConfig(str(e)) from None
+    saved: list[str] = []
+    for name, _ in base.named_modules():
+        if name and not any(name.startswith(s + ".") for s in saved) and any(name.endswith(t) for t in mts):
+            saved.append(name)
+    return saved
+
+
+def outside_saved(names: list[str], saved: list[str]) -> list[str]:
+    """`names` less those inside a saved module: PEFT trains a saved module as one copy,
+    so the method adapts nothing in it."""
+    return [n for n in names if not any(n == s or n.startswith(s + ".") for s in saved)]
+
+
 def fresh_extras(base: nn.Module, config: dict[str, Any], adapted: set[str]) -> list[Extra]:
     """What PEFT would save besides the factors for a fresh adapter with this config:
     every `modules_to_save` module, and the biases `bias` names."""
     try:
-        mts = modules_to_save_of(config)
         bias = bias_mode(config) if config.get("peft_type", "LORA") == "LORA" else "none"
     except InvalidArtifact as e:
         raise InvalidConfig(str(e)) from None
-    out: list[Extra] = []
-    saved: list[str] = []
-    for name, _ in base.named_modules():
-        if name and not any(name.startswith(s + ".") for s in saved) and any(name.endswith(t) for t in mts):
-            if name in adapted:
-                raise InvalidConfig(f"module {name!r} is both a target and in modules_to_save; choose one")
-            saved.append(name)
-            out.append(Extra("", "module", name, ""))
+    saved = saved_module_paths(base, config)
+    out = [Extra("", "module", name, "") for name in saved]
     if bias != "none":
         for name, _ in base.named_parameters():
             module, _, leaf = name.rpartition(".")
