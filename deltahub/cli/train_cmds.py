@@ -85,7 +85,7 @@ def register(cli: click.Group) -> None:
         type=click.Choice(["lora", "houlsby", "pfeiffer", "parallel", "ia3", "bitfit", "ssf", "prompt", "prefix", "ptuning-v2"]),
         help="Adapter method: LoRA, a bottleneck variant, IA3, BitFit, SSF, or soft prompts (20 virtual tokens).",
     )  # fmt: skip
-    @click.option("--r", "r", type=int, default=16, show_default=True, help="LoRA rank.")
+    @click.option("--rank", "--r", "r", type=int, default=16, show_default=True, help="LoRA rank.")
     @click.option(
         "--alpha", type=float, default=32, show_default=True, help="LoRA alpha (scaling = alpha / r)."
     )

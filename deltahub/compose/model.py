@@ -182,14 +182,15 @@ class AdaptedModel(nn.Module):
     ) -> str:
         if name in self._adapters:
             raise AlreadyExists(
-                f"an adapter named {name!r} is already loaded (another version); unload it or pass name="
+                f"an adapter named {name!r} is already loaded (another version); unload it, or load this one "
+                "under another name (name=...; `deltahub run a@1 a@2` names both versions itself)"
             )
         manifest = artifact.manifest
         wanted = manifest.base_fingerprint if manifest else None
         if wanted and wanted != self.fingerprint and not force:
             raise IncompatibleBase(
                 f"{where} was built for base {manifest.base_model or '?'} with fingerprint {wanted[:19]}..., "
-                f"this base has {self.fingerprint[:19]}...; load it with force=True to skip this check"
+                f"this base has {self.fingerprint[:19]}...; pass --force (force=True in Python) to load it anyway"
             )
         from safetensors import safe_open
 

@@ -12,19 +12,23 @@ pull:  `pull_from_hf("hf://org/repo@rev")` downloads with `snapshot_download` (o
        of the repository's own name).
 
 `HF_ENDPOINT` and `HF_TOKEN` are read at call time, so a self-hosted deltahub server
-(which answers the Hub's download routes) works as an endpoint too.
+(which answers the Hub's download routes) works as an endpoint too. A push without a
+token, and any failure of the Hub client (no network, 401/403/404), is one line: a
+`RemoteError` (exit code 10).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from deltahub import artifact as af
-from deltahub.errors import InvalidRef
+from deltahub.errors import DeltahubError, InvalidRef, RemoteError
 from deltahub.registry import Registry, Version
 from deltahub.registry.refs import check_name
 
@@ -55,6 +59,59 @@ def _endpoint(endpoint: str | None) -> str | None:
 
 def _token(token: str | None) -> str | None:
     return token or os.environ.get("HF_TOKEN") or None
+
+
+def _token_for_push(token: str | None) -> str:
+    """A push needs a token: given, `HF_TOKEN`, or the one `hf auth login` stored."""
+    found = _token(token)
+    if not found:
+        from huggingface_hub import get_token
+
+        found = get_token()
+    if not found:
+        raise RemoteError(
+            "pushing to the Hugging Face Hub needs a write token: set HF_TOKEN or run `hf auth login`"
+        )
+    return found
+
+
+@contextlib.contextmanager
+def hub_errors(what: str) -> Iterator[None]:
+    """Turn the Hub client's failures (no network, 401/403/404, a missing revision) into
+    one-line `RemoteError`s (exit code 10) that say what to check."""
+    from huggingface_hub import errors as hf
+
+    try:
+        yield
+    except DeltahubError:
+        raise
+    except (hf.RepositoryNotFoundError, hf.GatedRepoError) as e:
+        raise RemoteError(
+            f"{what}: the repository was not found or needs access ({_first_line(e)}); "
+            "check the name and HF_TOKEN"
+        ) from None
+    except hf.RevisionNotFoundError as e:
+        raise RemoteError(f"{what}: no such revision ({_first_line(e)})") from None
+    except hf.LocalEntryNotFoundError:
+        raise RemoteError(
+            f"{what}: cannot reach {_endpoint(None) or 'huggingface.co'}; check the network"
+        ) from None
+    except hf.HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        hint = "; check HF_TOKEN (a write token for push)" if status in (401, 403) else ""
+        raise RemoteError(
+            f"{what}: the Hub answered {status or 'an error'}{hint} ({_first_line(e)})"
+        ) from None
+    except (OSError, ConnectionError) as e:
+        raise RemoteError(f"{what}: {_first_line(e)}; check the network") from None
+    except Exception as e:  # the Hub client's transport errors (httpx) share no base class we import
+        if type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3"):
+            raise RemoteError(f"{what}: {type(e).__name__}: {_first_line(e)}; check the network") from None
+        raise
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def model_card(v: Version, manifest: af.Manifest) -> str:
@@ -131,8 +188,8 @@ def push_to_hf(
             raise InvalidRef("push to hf:// takes no @revision: the commit is tagged v<version>")
     reg = registry or Registry()
     v = reg.resolve(ref)
-    api = api or HfApi(endpoint=_endpoint(endpoint), token=_token(token))
-    with tempfile.TemporaryDirectory(prefix="deltahub-hf-") as tmp:
+    api = api or HfApi(endpoint=_endpoint(endpoint), token=_token_for_push(token))
+    with tempfile.TemporaryDirectory(prefix="deltahub-hf-") as tmp, hub_errors(f"push to hf://{repo_id}"):
         folder = build_hf_folder(v.ref, Path(tmp) / "repo", reg)
         operations = [
             CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in sorted(folder.iterdir())
@@ -166,14 +223,15 @@ def pull_from_hf(
     if name is not None:
         check_name(name)
     with tempfile.TemporaryDirectory(prefix="deltahub-hf-") as tmp:
-        path = snapshot_download(
-            repo_id,
-            revision=revision,
-            endpoint=_endpoint(endpoint),
-            token=_token(token),
-            local_dir=Path(tmp) / "snapshot",
-            allow_patterns=list(af.KNOWN_FILES),
-        )
+        with hub_errors(f"pull {url}"):
+            path = snapshot_download(
+                repo_id,
+                revision=revision,
+                endpoint=_endpoint(endpoint),
+                token=_token(token),
+                local_dir=Path(tmp) / "snapshot",
+                allow_patterns=list(af.KNOWN_FILES),
+            )
         folder = Path(path)
         readme = folder / af.README_FILE
         if readme.is_file() and CARD_MARKER in readme.read_text(errors="replace"):
