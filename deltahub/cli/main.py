@@ -19,6 +19,8 @@ COMMAND_MODULES = [
     "deltahub.cli.train_cmds",
     "deltahub.cli.compose_cmds",
     "deltahub.cli.eval_cmd",
+    "deltahub.cli.account_cmds",
+    "deltahub.cli.doctor_cmd",
     "deltahub.cli.quickstart_cmd",
     "deltahub.cli.serving_cmds",
 ]

@@ -161,3 +161,14 @@ def save_token(name: str, token: str, home: Path | str | None = None) -> Path:
     creds[name] = token
     _write(h / "credentials.json", creds, 0o600)
     return h / "credentials.json"
+
+
+def forget_token(name: str, home: Path | str | None = None) -> bool:
+    """Remove the stored token of remote `name`; False if none was stored."""
+    h = _home(home)
+    creds = _read(h / "credentials.json")
+    if name not in creds:
+        return False
+    del creds[name]
+    _write(h / "credentials.json", creds, 0o600)
+    return True
