@@ -41,7 +41,8 @@ from deltahub.errors import IncompatibleBase, InvalidArtifact, InvalidConfig, Un
 from deltahub.methods.affine import fold_input, fold_output, restore
 from deltahub.methods.common import AdapterModule, SiteDelta
 from deltahub.methods.lora import extras as ex
-from deltahub.methods.lora.runtime import PREFIX, dequantized_weight
+from deltahub.methods.lora.extras import PREFIX
+from deltahub.methods.lora.layer import dequantized_weight
 from deltahub.methods.lora.saved import (
     build_sites,
     factor_layer,
