@@ -1,4 +1,5 @@
-"""LoRA (Hu et al., 2021) with rsLoRA and DoRA; PEFT's artifact format both ways."""
+"""LoRA (Hu et al., 2021) with rsLoRA, DoRA, lora_bias, embeddings and PEFT's saved modules and
+biases; PEFT's artifact format both ways."""
 
 from deltahub.methods import register_method
 
