@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import click
 from deltahub.cli.output import handle_errors, json_option, print_json
 
 TASKS = ("classification", "causal-lm")
+PROBLEM_TYPES = {"single-label": "single-label", "regression": "regression", "multi-label": "multi-label"}
 
 
 def _common(fn: Any) -> Any:
@@ -17,7 +19,8 @@ def _common(fn: Any) -> Any:
     options = [
         click.option("--base", required=True, help="Base model: a local directory or a hub id (its tokenizer too)."),
         click.option(
-            "--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Training data (.jsonl or .csv)."
+            "--data", required=True, type=click.Path(exists=True, dir_okay=False),
+            help="Training data: .jsonl, .json, .csv, .tsv or .parquet (read with HF datasets, locally).",
         ),
         click.option(
             "--eval", "eval_data", type=click.Path(exists=True, dir_okay=False),
@@ -48,11 +51,44 @@ def _common(fn: Any) -> Any:
         click.option(
             "--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass (less memory)."
         ),
+        click.option("--tokenizer", help="Tokenizer directory or hub id (default: the base's)."),
+        click.option("--text-column", default="text", show_default=True, help="Column holding the text."),
+        click.option("--text-pair-column", help="Column holding the second text of a sentence pair."),
+        click.option("--label-column", default="label", show_default=True, help="Column holding the label."),
+        click.option(
+            "--problem-type", type=click.Choice(list(PROBLEM_TYPES)), default="single-label", show_default=True,
+            help="regression: MSE on a float label; multi-label: BCE over a list of labels.",
+        ),
+        click.option("--warmup-ratio", type=float, default=0.0, show_default=True, help="Warmup, a share of all steps."),
+        click.option("--warmup-steps", type=int, default=0, show_default=True, help="Warmup, in optimizer steps."),
+        click.option("--weight-decay", type=float, default=0.0, show_default=True, help="AdamW weight decay."),
+        click.option(
+            "--gradient-accumulation-steps", type=int, default=1, show_default=True,
+            help="Batches per optimizer step.",
+        ),
+        click.option("--eval-steps", type=int, help="Evaluate every N optimizer steps (default: every epoch)."),
+        click.option(
+            "--base-model",
+            help="Base model id recorded in the manifest (portable, e.g. the hub id), default: the base's own.",
+        ),
+        click.option(
+            "--output-dir", type=click.Path(file_okay=False),
+            help="Also write the artifact directory here (a new or empty directory); the checkpoint too.",
+        ),
+        click.option("--no-publish", is_flag=True, help="Do not publish: only write the artifact directory."),
+        click.option(
+            "--resume", is_flag=True,
+            help="Continue from the checkpoint of an interrupted run (same options; in --output-dir or the home).",
+        ),
         json_option,
     ]  # fmt: skip
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def _echo_err(message: str) -> None:
+    click.echo(message, err=True)
 
 
 def _report(result: Any, as_json: bool) -> None:
@@ -71,6 +107,37 @@ def _report(result: Any, as_json: bool) -> None:
     attention = (result.extra.get("fusion") or {}).get("attention")
     if attention:
         click.echo("mean attention: " + ", ".join(f"{k}={val:.3f}" for k, val in attention.items()))
+
+
+def _prepare(
+    output_dir: str | None, no_publish: bool, version: str | None, tags: tuple[str, ...], resume: bool
+) -> None:
+    if no_publish and (version is not None or tags):
+        raise click.UsageError("--version and --tag name a published version; drop them with --no-publish")
+    if output_dir is not None and Path(output_dir).is_dir():
+        # A resumed run finds its checkpoint there; anything else is refused.
+        left = [p for p in Path(output_dir).iterdir() if not (resume and p.name == "checkpoint")]
+        if left:
+            raise click.BadParameter(
+                f"{output_dir} is not empty; give a new or empty directory", param_hint="--output-dir"
+            )
+
+
+def _training(call: Any) -> Any:
+    """Run `call()`; Ctrl-C exits 130 saying where the checkpoint is kept."""
+    from deltahub.training.checkpoint import TrainingInterrupted
+
+    try:
+        return call()
+    except TrainingInterrupted as e:
+        if e.checkpoint is not None:
+            click.echo(
+                f"Interrupted; the best checkpoint so far is kept in {e.checkpoint} (rerun with --resume)",
+                err=True,
+            )
+        else:
+            click.echo("Interrupted before the first checkpoint; nothing kept", err=True)
+        sys.exit(130)
 
 
 def _split(values: tuple[str, ...]) -> list[str] | None:
@@ -97,42 +164,49 @@ def register(cli: click.Group) -> None:
         "--reduction-factor", type=float, default=16, show_default=True,
         help="Bottleneck width = hidden size / this (houlsby, pfeiffer, parallel).",
     )  # fmt: skip
+    @click.option("--dora", is_flag=True, help="DoRA: LoRA with a learned magnitude per output (lora only).")
+    @click.option("--rslora", is_flag=True, help="rsLoRA: scaling = alpha / sqrt(r) (lora only).")
     @click.option(
-        "--output-dir", type=click.Path(file_okay=False),
-        help="Also write the artifact directory here (a new or empty directory).",
-    )  # fmt: skip
-    @click.option("--no-publish", is_flag=True, help="Do not publish: only write the artifact directory.")
+        "--lora-dropout", type=float, default=0.0, show_default=True, help="Dropout on the LoRA input."
+    )
+    @click.option(
+        "--num-virtual-tokens", type=int, help="Virtual tokens (prompt, prefix, ptuning-v2; default 20)."
+    )
     @_common
     @handle_errors
     def train_cmd(
-        method: str, r: int, alpha: float, target_modules: tuple[str, ...], reduction_factor: float,
-        output_dir: str | None, no_publish: bool, base: str, data: str, eval_data: str | None, task: str,
-        name: str, epochs: int, lr: float, batch_size: int, seed: int, max_length: int, patience: int,
-        version: str | None, tags: tuple[str, ...], description: str, quiet: bool, as_json: bool,
-        quantize: str | None, gradient_checkpointing: bool,
+        method: str, r: int, alpha: float, target_modules: tuple[str, ...], reduction_factor: float, dora: bool,
+        rslora: bool, lora_dropout: float, num_virtual_tokens: int | None, output_dir: str | None,
+        no_publish: bool, resume: bool, base: str, data: str, eval_data: str | None, task: str, name: str,
+        epochs: int, lr: float, batch_size: int, seed: int, max_length: int, patience: int, version: str | None,
+        tags: tuple[str, ...], description: str, quiet: bool, as_json: bool, quantize: str | None,
+        gradient_checkpointing: bool, tokenizer: str | None, text_column: str, text_pair_column: str | None,
+        label_column: str, problem_type: str, warmup_ratio: float, warmup_steps: int, weight_decay: float,
+        gradient_accumulation_steps: int, eval_steps: int | None, base_model: str | None,
     ) -> None:  # fmt: skip
         """Train one adapter on a task and publish it (metrics, hyperparameters, data digest).
 
         With --no-publish the artifact is only written (to --output-dir, or a new temporary
         directory, printed). The name, version and tags are checked before training starts.
+        The best epoch is kept as a checkpoint; after Ctrl-C (exit 130) --resume continues.
         """
         from deltahub.training import train
 
-        if no_publish and (version is not None or tags):
-            raise click.UsageError(
-                "--version and --tag name a published version; drop them with --no-publish"
-            )
-        if output_dir is not None and Path(output_dir).is_dir() and any(Path(output_dir).iterdir()):
-            raise click.BadParameter(
-                f"{output_dir} is not empty; give a new or empty directory", param_hint="--output-dir"
-            )
-        result = train(
+        _prepare(output_dir, no_publish, version, tags, resume)
+        progress = not quiet and not as_json
+        result = _training(lambda: train(
             base, data, name=name, method=method, task=task, eval_data=eval_data, r=r, alpha=alpha,
             target_modules=_split(target_modules), reduction_factor=reduction_factor, epochs=epochs, lr=lr,
             batch_size=batch_size, seed=seed, max_length=max_length, patience=patience, version=version,
-            tags=tags, description=description, progress=not quiet and not as_json, quantize=quantize,
+            tags=tags, description=description, progress=progress, quantize=quantize,
             gradient_checkpointing=gradient_checkpointing, publish=not no_publish, output_dir=output_dir,
-        )  # fmt: skip
+            use_dora=dora, use_rslora=rslora, lora_dropout=lora_dropout, num_virtual_tokens=num_virtual_tokens,
+            tokenizer=tokenizer, text_column=text_column, text_pair_column=text_pair_column,
+            label_column=label_column, problem_type=PROBLEM_TYPES[problem_type], warmup_ratio=warmup_ratio,
+            warmup_steps=warmup_steps, weight_decay=weight_decay,
+            gradient_accumulation_steps=gradient_accumulation_steps, eval_steps=eval_steps, base_model=base_model,
+            resume=resume, log=_echo_err if not quiet else None,
+        ))  # fmt: skip
         _report(result, as_json)
 
     @cli.command("fuse")
@@ -146,13 +220,21 @@ def register(cli: click.Group) -> None:
         "--fusion-reg", type=float, default=0.01, show_default=True,
         help="Weight of the penalty sum ||V - I||^2 keeping the value matrices near identity.",
     )  # fmt: skip
+    @click.option(
+        "--scope", type=click.Choice(["layer", "module"]), default="layer", show_default=True,
+        help="layer: one Q, K, V per transformer layer (small); module: one per fused module (its size is printed first).",
+    )  # fmt: skip
     @_common
     @handle_errors
     def fuse_cmd(
-        refs: tuple[str, ...], unfreeze_adapters: bool, temperature: float, fusion_reg: float, base: str,
-        data: str, eval_data: str | None, task: str, name: str, epochs: int, lr: float, batch_size: int,
-        seed: int, max_length: int, patience: int, version: str | None, tags: tuple[str, ...], description: str,
-        quiet: bool, as_json: bool, quantize: str | None, gradient_checkpointing: bool,
+        refs: tuple[str, ...], unfreeze_adapters: bool, temperature: float, fusion_reg: float, scope: str,
+        base: str, data: str, eval_data: str | None, task: str, name: str, epochs: int, lr: float,
+        batch_size: int, seed: int, max_length: int, patience: int, version: str | None, tags: tuple[str, ...],
+        description: str, quiet: bool, as_json: bool, quantize: str | None, gradient_checkpointing: bool,
+        tokenizer: str | None, text_column: str, text_pair_column: str | None, label_column: str,
+        problem_type: str, warmup_ratio: float, warmup_steps: int, weight_decay: float,
+        gradient_accumulation_steps: int, eval_steps: int | None, base_model: str | None, output_dir: str | None,
+        no_publish: bool, resume: bool,
     ) -> None:  # fmt: skip
         """Learn an AdapterFusion over published adapters REFS for a new task and publish it.
 
@@ -161,11 +243,17 @@ def register(cli: click.Group) -> None:
         """
         from deltahub.fusion import fuse
 
-        result = fuse(
+        _prepare(output_dir, no_publish, version, tags, resume)
+        result = _training(lambda: fuse(
             list(refs), base, data, name=name, task=task, eval_data=eval_data, temperature=temperature,
             fusion_reg=fusion_reg, unfreeze_adapters=unfreeze_adapters, epochs=epochs, lr=lr,
             batch_size=batch_size, seed=seed, max_length=max_length, patience=patience, version=version,
             tags=tags, description=description, progress=not quiet and not as_json, quantize=quantize,
-            gradient_checkpointing=gradient_checkpointing,
-        )  # fmt: skip
+            gradient_checkpointing=gradient_checkpointing, scope=scope, tokenizer=tokenizer,
+            text_column=text_column, text_pair_column=text_pair_column, label_column=label_column,
+            problem_type=PROBLEM_TYPES[problem_type], warmup_ratio=warmup_ratio, warmup_steps=warmup_steps,
+            weight_decay=weight_decay, gradient_accumulation_steps=gradient_accumulation_steps,
+            eval_steps=eval_steps, base_model=base_model, publish=not no_publish, output_dir=output_dir,
+            resume=resume, log=_echo_err if not quiet else None,
+        ))  # fmt: skip
         _report(result, as_json)
