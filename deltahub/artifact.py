@@ -208,8 +208,20 @@ def write_dir(
     config: dict[str, Any],
     manifest: Manifest | None = None,
 ) -> Path:
-    """Write an artifact directory from torch tensors (contiguous, CPU) and JSON objects."""
+    """Write an artifact directory from torch tensors (contiguous, CPU) and JSON objects.
+
+    A PEFT-format config without `base_model_name_or_path` gets the manifest's base model
+    (a portable id), so `PeftModel`/`AutoPeftModel` users see which base it is for.
+    """
     from safetensors.torch import save_file
+
+    if (
+        manifest is not None
+        and manifest.base_model
+        and "peft_type" in config
+        and not config.get("base_model_name_or_path")
+    ):
+        config = {**config, "base_model_name_or_path": manifest.base_model}
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

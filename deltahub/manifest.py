@@ -38,6 +38,25 @@ class Parent:
                 )
 
 
+_HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95})?")
+
+
+def portable_base_id(value: str | None) -> str | None:
+    """`value` when it names a model anyone can fetch (a hub id, `org/name` or `name`), None
+    when it is a local path (absolute, relative, home-relative, or with more than one
+    `/`): a path means nothing on another machine and would show a user's directories to
+    every hub user. A Hugging Face cache path gives back its repository id."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    value = value.strip()
+    cached = re.search(r"models--([^/\\]+?)--([^/\\]+)(?:[/\\]|$)", value)
+    if cached:
+        return f"{cached.group(1)}/{cached.group(2)}"
+    if value.startswith((".", "/", "~", "\\")) or re.match(r"[A-Za-z]:[\\/]", value):
+        return None
+    return value if _HUB_ID_RE.fullmatch(value) else None
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

@@ -240,3 +240,34 @@ def fingerprint_of(model: nn.Module) -> str:
         fp = fingerprint(model)
         model.deltahub_fingerprint = fp  # type: ignore[assignment]
     return fp
+
+
+def base_model_id(source: str | Path | nn.Module) -> str | None:
+    """The portable id to record as an adapter's base model, or None when there is none.
+
+    A hub id stays as it is; a local directory gives the `_name_or_path` its config.json
+    records when that is a hub id (or the repository of a Hugging Face cache path); a
+    module gives its config's `_name_or_path` the same way. A local path is never
+    returned: it would mean nothing elsewhere (the fingerprint identifies the base
+    exactly; `--base-model` names it).
+    """
+    from deltahub.manifest import portable_base_id
+
+    if isinstance(source, nn.Module):
+        name = getattr(getattr(source, "config", None), "_name_or_path", None)
+        if isinstance(name, str) and name and Path(name).expanduser().is_dir():
+            return base_model_id(name)  # loaded from a directory: what that directory says
+        return portable_base_id(name)
+    local = Path(str(source)).expanduser()
+    if not local.exists():
+        return portable_base_id(str(source))
+    resolved = str(local.resolve())
+    if "models--" in resolved and (cached := portable_base_id(resolved)):
+        return cached
+    try:
+        name = json.loads((local / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(name, str) or Path(name).expanduser().exists():
+        return None
+    return portable_base_id(name)

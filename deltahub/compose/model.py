@@ -209,7 +209,9 @@ class AdaptedModel(nn.Module):
         """Write the adapter as an artifact directory (for LoRA, one PEFT loads)."""
         adapter = self.get_adapter(name)
         if manifest is None:
-            base_id = getattr(getattr(self.base, "config", None), "_name_or_path", None) or None
+            from deltahub.compose.base import base_model_id
+
+            base_id = base_model_id(self.base)
             manifest = af.Manifest(
                 name=name.rsplit("/", 1)[-1],
                 method=adapter.method,

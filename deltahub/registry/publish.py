@@ -30,6 +30,7 @@ from deltahub.errors import (
     InvalidRef,
     NotFound,
 )
+from deltahub.manifest import portable_base_id
 from deltahub.registry.db import write_transaction
 from deltahub.registry.queries import Queries
 from deltahub.registry.refs import Ref, check_name, check_tag, check_version
@@ -86,7 +87,8 @@ class Writes(Queries):
         manifest = artifact.manifest or af.Manifest(
             name=name,
             method=artifact.method,
-            base_model=artifact.config.get("base_model_name_or_path") or None,
+            # PEFT records the path it loaded the base from: only a portable id is kept.
+            base_model=portable_base_id(artifact.config.get("base_model_name_or_path")),
         )
         overrides: dict[str, Any] = {
             "task": task,

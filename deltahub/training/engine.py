@@ -176,7 +176,7 @@ def load_model(
     With `quantize` the base is 4/8-bit and set up for QLoRA (`compose.quant.prepare_for_training`).
     `tokenizer` may be a tokenizer, or a directory or hub id to load one from.
     """
-    from deltahub.compose.base import load_base
+    from deltahub.compose.base import base_model_id, load_base
     from deltahub.compose.model import AdaptedModel
 
     base_id = None
@@ -184,12 +184,12 @@ def load_model(
         tokenizer = _load_tokenizer(tokenizer)
     if isinstance(base, nn.Module):
         module = load_base(base, device="cpu" if not torch.cuda.is_available() else None, quantize=quantize)
-        base_id = getattr(getattr(base, "config", None), "_name_or_path", None) or None
+        base_id = base_model_id(base)
         if tokenizer is None:
             raise InvalidConfig("pass tokenizer= when the base is a module rather than a path")
     else:
         module = load_base(base, quantize=quantize)
-        base_id = str(base)
+        base_id = base_model_id(base)  # a hub id, never a local path
         if tokenizer is None:
             tokenizer = _load_tokenizer(base)
     if quantize is not None:
@@ -284,7 +284,8 @@ class _BestEpoch:
             info.get("best_epoch"),
             int(info.get("bad", 0)),
         )
-        self.snapshot = {k: v.to(self.params[k].device) for k, v in weights.items()}
+        if self.best is not None:  # the best evaluation's weights; without evaluation, none to go back to
+            self.snapshot = {k: v.to(self.params[k].device) for k, v in weights.items()}
 
     def save(self, state: Any, optimizer: Any, scheduler: Any) -> None:
         if self.checkpoint is None or optimizer is None or scheduler is None:

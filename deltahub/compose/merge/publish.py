@@ -99,6 +99,8 @@ def merge_adapters(
             tensors = {**tensors, **head}
             extra["head"] = info
     base_model = next((v.base_model for v in versions if v.base_model), None)
+    if base_model and not config.get("base_model_name_or_path"):
+        config = {**config, "base_model_name_or_path": base_model}  # PEFT users see the base
     with tempfile.TemporaryDirectory(prefix="deltahub-merge-") as tmp:
         af.write_dir(tmp, tensors, config)
         return registry.publish(
