@@ -126,6 +126,7 @@ class QuickstartResult:
     attention: dict[str, float] = field(default_factory=dict)
     diff: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    plots: dict[str, Path] = field(default_factory=dict)
 
 
 def _accuracy(task_model: Any, tokenizer: Any, path: Path, labels: list[str]) -> float:
@@ -282,4 +283,40 @@ def run_quickstart(
         f"    deltahub run --base {home / 'base'} quickstart/sentiment --input '{EXAMPLE}'\n"
         "    deltahub serve   # share this registry over HTTP"
     )
+    result.plots = _plots(report, registry, result.refs["fusion"], home)
+    say(_see_it(home, result.refs["fusion"], result.plots))
     return result
+
+
+def _plots(report: Any, registry: Any, fusion_ref: str, home: Path) -> dict[str, Path]:
+    """The diff and the fusion's attention as PNGs, when matplotlib is installed."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return {}
+    from deltahub.plots import plot_diff, plot_version
+
+    return {
+        "diff": plot_diff(report, home / "plots" / "sentiment-1-vs-2.png"),
+        "attention": plot_version(registry, fusion_ref, home / "plots" / "fusion-attention.png"),
+    }
+
+
+def _see_it(home: Path, fusion_ref: str, plots: dict[str, Path]) -> str:
+    """Where to look: the fusion's web page and the two plots (or how to get them)."""
+    from deltahub.hub.pages import page_url
+
+    name, _, version = fusion_ref.partition("@")
+    lines = [
+        "  see it in a browser (sign in with the token the first command prints):",
+        f"    deltahub token create --scope read --home {home}",
+        f"    deltahub serve --home {home}",
+        f"    the fusion's page: http://127.0.0.1:8600{page_url(name, version, '/fusion')}",
+    ]
+    if plots:
+        lines += [f"  plot ({what}): {path}" for what, path in plots.items()]
+    else:
+        lines.append(
+            "  plots: pip install 'deltahub[plots]' (matplotlib), then: deltahub diff "
+            "quickstart/sentiment@1 quickstart/sentiment@2 --plot diff.png; "
+            "deltahub show quickstart/review-fusion --plot attention.png"
+        )
+    return "\n".join(lines)

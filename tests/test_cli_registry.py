@@ -128,7 +128,7 @@ def test_tag_export_rm_verify_gc(runner: CliRunner, art: Path, tmp_path: Path) -
     verified = json.loads(invoke(runner, "verify", "--json").output)
     assert verified["ok"] and verified["versions"] == 1
     gc = json.loads(invoke(runner, "gc", "--grace", "0", "--json").output)
-    assert len(gc["removed"]) == 1  # only v2's manifest blob was unique to it
+    assert len(gc["removed"]) == 2  # only v2's manifest and card (README.md) were unique to it
     assert "removed 0 blobs" in invoke(runner, "gc").output
 
 

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 import torch
 
+from deltahub.cards import CARD_MARKER
 from deltahub.errors import InvalidRef
 from deltahub.hub.client import HubClient, push
-from deltahub.hub.hf import CARD_MARKER, build_hf_folder, parse_hf_url, pull_from_hf, push_to_hf
+from deltahub.hub.hf import build_hf_folder, parse_hf_url, pull_from_hf, push_to_hf
 from deltahub.registry import Registry
 from tests.hub_helpers import BACKENDS, Hub, export_bytes, lora_dir, start_hub
 
@@ -148,7 +149,7 @@ def test_push_to_hf_builds_a_peft_loadable_folder_and_one_tagged_commit(
     assert names == ["README.md", "adapter_config.json", "adapter_model.safetensors", "deltahub.json"]
     card = (folder / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: peft\nbase_model: tiny-llama\nlicense: apache-2.0\n")
-    assert "| metric acc | 0.75 |" in card and CARD_MARKER in card
+    assert "| metric acc | 0.75 |" in card and CARD_MARKER in card  # publish wrote the version's card
     assert torch.equal(_logits(folder), _logits(src))
 
     class RecordingApi:

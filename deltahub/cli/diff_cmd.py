@@ -132,6 +132,13 @@ def render(report: Any, top: int) -> None:
     default=None,
     help="Text file of probe inputs, one per line (needs --base).",
 )
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also draw per-module relative change and subspace similarity to this .png or .svg "
+    "(needs matplotlib: pip install 'deltahub[plots]').",
+)
 @handle_errors
 def diff_cmd(
     ref_a: str,
@@ -141,6 +148,7 @@ def diff_cmd(
     tolerance: float,
     base: str | None,
     probe: str | None,
+    plot: str | None,
 ) -> None:
     """Compare two adapter versions: verdict, overall and per-module change, tensors, config.
 
@@ -149,11 +157,19 @@ def diff_cmd(
     """
     from deltahub.diffing import diff
 
+    if plot:
+        from deltahub.plots import check_plot_path
+
+        check_plot_path(plot)  # before the diff: a missing matplotlib fails at once
     report = diff(ref_a, ref_b, top=top, tolerance=tolerance, base=base, probe=probe)
     if as_json:
         print_json(report.to_dict())
     else:
         render(report, top or DEFAULT_TOP)
+    if plot:
+        from deltahub.plots import plot_diff
+
+        click.echo(f"plot: {plot_diff(report, plot)}", err=True)
 
 
 def register(cli: click.Group) -> None:

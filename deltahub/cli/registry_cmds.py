@@ -190,11 +190,30 @@ def search(query: str, limit: int, cursor: str | None, remote_name: str | None, 
     "--versions", "show_versions", is_flag=True, help="List the adapter's versions, a page at a time."
 )
 @page_options(default=100)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    help="Draw to this .png/.svg: a fusion's attention (sites x constituents), else a metric over "
+    "versions (needs matplotlib: pip install 'deltahub[plots]').",
+)
+@click.option("--metric", help="With --plot: the metric to draw (default: the one most versions have).")
 @json_option
 @handle_errors
-def show(ref: str, show_versions: bool, limit: int, cursor: str | None, as_json: bool) -> None:
+def show(
+    ref: str,
+    show_versions: bool,
+    limit: int,
+    cursor: str | None,
+    plot: str | None,
+    metric: str | None,
+    as_json: bool,
+) -> None:
     """Show one version (REF is name, name@3, name@tag or name@sha256:prefix)."""
     registry = _registry()
+    if plot:
+        from deltahub.plots import plot_version
+
+        click.echo(f"plot: {plot_version(registry, ref, plot, metric)}", err=True)
     if show_versions:
         from deltahub.registry import parse_ref
 

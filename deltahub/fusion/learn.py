@@ -23,6 +23,7 @@ from deltahub import artifact as af
 from deltahub.compose.blocks import Fuse
 from deltahub.errors import InvalidConfig, Unsupported
 from deltahub.fusion.artifact import CONSTITUENT_ROLE
+from deltahub.fusion.attention import attention_per_site
 from deltahub.fusion.layer import add_fusion, fused_sites, fusion_size, fusions
 from deltahub.methods.fusion.schema import SCOPES
 from deltahub.training.checkpoint import Checkpoint, checkpoint_dir
@@ -157,6 +158,7 @@ def fuse(
         resume=resume, identity=identity, log=log,
     )  # fmt: skip
     attention = attention_summary(task_model, eval_ds or train_ds, tokenizer, batch_size)
+    per_site = attention_per_site(task_model, eval_ds or train_ds, tokenizer, batch_size)
 
     constituents = []
     parents = []
@@ -170,7 +172,7 @@ def fuse(
         parents.append(af.Parent(ref=ref, digest=digest, role=CONSTITUENT_ROLE))
     extra: dict[str, Any] = {
         "fusion": {
-            "constituents": constituents, "attention": attention,
+            "constituents": constituents, "attention": attention, "attention_per_site": per_site,
             "attention_on": "eval" if eval_ds else "train", "scope": scope, "parameters": size["parameters"],
         },
         "hyperparameters": hyper,

@@ -35,7 +35,7 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from deltahub.errors import DeltahubError, Unsupported
-from deltahub.hub import api, hf_routes
+from deltahub.hub import api, hf_routes, pages
 from deltahub.hub import blobs as blob_routes
 from deltahub.hub import predict as predict_routes
 from deltahub.hub.auth import AuthThrottle
@@ -143,6 +143,7 @@ def create_app(
         Route("/v1/resolve/{ref:path}", api.resolve_ref),
         Route("/v1/manifest/{ref:path}", api.get_manifest),
         Route("/v1/blobs/{digest}", blob_routes.get_blob, methods=["GET", "HEAD"]),
+        *pages.routes(),  # web pages under /ui/ (before the HF routes, whose paths are open-ended)
         *predict_routes.routes(predict_base is not None),
         *hf_routes.routes(),
     ]

@@ -113,7 +113,12 @@ class Writes(Queries):
         for parent in manifest.parents:
             self._by_digest(parent.digest)  # a parent must be resolvable here
 
-        sources = {f: src for f, src in artifact.files.items() if f != af.MANIFEST_FILE}
+        from deltahub.cards import card_bytes, keeps_readme  # every version carries a card
+
+        readme = af.README_FILE if keeps_readme(artifact.files.get(af.README_FILE)) else None
+        sources = {f: src for f, src in artifact.files.items() if f not in (af.MANIFEST_FILE, af.README_FILE)}
+        if readme:
+            sources[readme] = artifact.files[readme]
         created: list[str] = []  # blobs this publish added: taken back if it fails
         try:
             blobs = {fname: self.store.put_file(src, created) for fname, src in sources.items()}
@@ -129,6 +134,8 @@ class Writes(Queries):
                     )
                 final = replace(manifest, name=name, version=version, created=af.utc_now())
                 blobs[af.MANIFEST_FILE] = self.store.put_bytes(final.to_json(), created)
+                if readme is None:
+                    blobs[af.README_FILE] = self.store.put_bytes(card_bytes(final, artifact.config), created)
                 return self._insert(final, blobs, tags)
         except BaseException:
             self._take_back(created)
