@@ -80,6 +80,7 @@ def _again(command: str, *args: str) -> str:
 @click.option("--base-model", help="Base model id (default: from adapter_config.json).")
 @click.option("--license", "license_", help="License identifier, e.g. apache-2.0.")
 @click.option("--metric", "metrics", multiple=True, help="Metric as KEY=NUMBER (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Validate and show what would be stored; store nothing.")
 @json_option
 @handle_errors
 def publish(
@@ -92,10 +93,33 @@ def publish(
     base_model: str | None,
     license_: str | None,
     metrics: tuple[str, ...],
+    dry_run: bool,
     as_json: bool,
 ) -> None:
-    """Validate an adapter DIRECTORY (ours or PEFT's) and publish it as a new version."""
-    v = _registry().publish(
+    """Validate an adapter DIRECTORY (ours or PEFT's) and publish it as a new version.
+
+    With --dry-run: validate, hash and print what would be stored (version, files, new
+    bytes, versions with the same content), and store nothing.
+    """
+    from deltahub.registry.preview import preview_publish, same_content
+
+    registry = _registry()
+    if dry_run:
+        plan = preview_publish(registry, directory, name, version, tags, base_model=base_model)
+        if as_json:
+            print_json(plan)
+            return
+        what = f"{plan['method']}, {plan['tensors']} tensors"
+        click.echo(f"would publish {plan['name']}@{plan['version']} ({what})")
+        click.echo(f"  tags: {', '.join(plan['tags'])}; base model: {plan['base_model'] or '(none)'}")
+        for fname, f in plan["files"].items():
+            stored = "  (stored already)" if f["stored"] else ""
+            click.echo(f"  {fname}  {f['digest'][:19]}  {f['size']:,} bytes{stored}")
+        click.echo(f"  new bytes: {plan['bytes_new']:,}")
+        if plan["same_content_as"]:
+            click.echo(f"  same weights and config as {', '.join(plan['same_content_as'])}")
+        return
+    v = registry.publish(
         directory,
         name=name,
         version=version,
@@ -106,6 +130,10 @@ def publish(
         license=license_,
         metrics=parse_key_values(metrics, "--metric"),
     )
+    if same := same_content(registry, v):
+        click.echo(
+            f"notice: {v.ref} has the same weights and config as {', '.join(s.ref for s in same)}", err=True
+        )
     if as_json:
         print_json(v.to_dict())
     else:
