@@ -1,4 +1,4 @@
-"""Hub commands: serve, token, remote, login, push, pull.
+"""Hub commands: serve, token, webhook, hub (migrate, verify, copy), remote, login, push, pull.
 
 `deltahub search --remote NAME QUERY` lives with `search` in registry_cmds.py and calls
 `deltahub.hub.search`.
@@ -49,6 +49,36 @@ def _byte_progress(description: str) -> Iterator[tuple[Callable[[int], None], Ca
         yield (lambda n: bar.update(task, total=n)), (lambda n: bar.advance(task, n))
 
 
+def _stores_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--db and --blobs (and their environment variables), --s3-endpoint-url."""
+    fn = click.option(
+        "--s3-endpoint-url",
+        envvar="DELTAHUB_S3_ENDPOINT_URL",
+        help="S3-compatible endpoint for s3:// blobs (MinIO, Ceph, R2, moto); default AWS. "
+        "Credentials: boto3's usual ones (AWS_ACCESS_KEY_ID, ~/.aws, ...).",
+    )(fn)
+    fn = click.option(
+        "--blobs",
+        "blobs_url",
+        envvar="DELTAHUB_BLOB_URL",
+        help="Blob store: a directory or s3://BUCKET/PREFIX (default: the home's blobs/). [env DELTAHUB_BLOB_URL]",
+    )(fn)
+    return click.option(
+        "--db",
+        "db_url",
+        envvar="DELTAHUB_DB_URL",
+        help="Metadata store: sqlite:///HOME (default: the home) or postgresql://USER@HOST/DB. "
+        "[env DELTAHUB_DB_URL]",
+    )(fn)
+
+
+def _meta(home: str | None, db_url: str | None) -> Any:
+    """This thread's handle on the hub's metadata store (the home's hub.db, or PostgreSQL)."""
+    from deltahub.hub.meta import open_meta
+
+    return open_meta(db_url, home).handle()
+
+
 # ----------------------------------------------------------------------------- serve
 
 
@@ -84,10 +114,21 @@ def _byte_progress(description: str) -> Iterator[tuple[Callable[[int], None], Ca
     show_default=True,
     help="Seconds an idle kept-alive connection stays open.",
 )
+@_stores_options
+@click.option(
+    "--redirect-downloads",
+    is_flag=True,
+    help="With s3:// blobs: answer blob downloads with a redirect to a presigned URL "
+    "(clients fetch from the store) instead of streaming them through the server.",
+)
 @predict_serve_options
 @handle_errors
 def serve(
     home: str | None,
+    db_url: str | None,
+    blobs_url: str | None,
+    s3_endpoint_url: str | None,
+    redirect_downloads: bool,
     host: str,
     port: int,
     public_read: bool,
@@ -103,13 +144,17 @@ def serve(
 
     Put a TLS reverse proxy in front for anything beyond this machine; it should also
     limit request rates and failed logins per real client, body sizes and body time.
+
+    A team hub keeps its metadata in PostgreSQL and its blobs in S3 (--db, --blobs);
+    several `serve` processes over one database and one bucket are interchangeable.
     """
     from deltahub.hub.server import check_bind
     from deltahub.hub.server import serve as run_server
 
     check_bind(host, allow_insecure_http)
     click.echo(
-        f"deltahub hub on http://{host}:{port} ({'public read' if public_read else 'token needed to read'}); "
+        f"deltahub hub on http://{host}:{port} ({'public read' if public_read else 'token needed to read'}"
+        f"{'; metadata ' + _redacted(db_url) if db_url else ''}{'; blobs ' + blobs_url if blobs_url else ''}); "
         "create tokens with `deltahub token create`",
         err=True,
     )
@@ -123,8 +168,20 @@ def serve(
         limit_concurrency=limit_concurrency,
         header_timeout=header_timeout,
         timeout_keep_alive=timeout_keep_alive,
-        stores=predict_stores(predict_base, predict_device),
+        stores={
+            "db": db_url,
+            "blobs": blobs_url,
+            "s3_endpoint_url": s3_endpoint_url,
+            "redirect_downloads": redirect_downloads,
+            **predict_stores(predict_base, predict_device),
+        },
     )
+
+
+def _redacted(url: str) -> str:
+    from deltahub.hub.meta import redact
+
+    return redact(url)
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -135,15 +192,27 @@ def token() -> None:
     """Create, list and revoke this hub's access tokens."""
 
 
-def _tokens(home: str | None) -> Any:
+def _tokens(home: str | None, db_url: str | None = None) -> Any:
+    if db_url:
+        return _meta(home, db_url).tokens
     from deltahub.hub.tokens import TokenStore
     from deltahub.settings import default_home
 
     return TokenStore(home or default_home())
 
 
+def _db_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--db",
+        "db_url",
+        envvar="DELTAHUB_DB_URL",
+        help="The hub's metadata store, as `serve --db` (default: the home). [env DELTAHUB_DB_URL]",
+    )(fn)
+
+
 @token.command(name="create")
 @_home_option
+@_db_option
 @click.option(
     "--scope", type=click.Choice(["read", "write", "admin"]), required=True, help="What the token may do."
 )
@@ -154,6 +223,7 @@ def _tokens(home: str | None) -> Any:
 @handle_errors
 def token_create(
     home: str | None,
+    db_url: str | None,
     scope: str,
     namespace: str | None,
     expires: float | None,
@@ -161,7 +231,7 @@ def token_create(
     as_json: bool,
 ) -> None:
     """Make a token and print it once: only its SHA-256 is kept."""
-    secret, info = _tokens(home).create(scope, namespace, expires, description)
+    secret, info = _tokens(home, db_url).create(scope, namespace, expires, description)
     if as_json:
         print_json({"token": secret, **info.to_dict()})
         return
@@ -174,11 +244,12 @@ def token_create(
 
 @token.command(name="list")
 @_home_option
+@_db_option
 @json_option
 @handle_errors
-def token_list(home: str | None, as_json: bool) -> None:
+def token_list(home: str | None, db_url: str | None, as_json: bool) -> None:
     """List tokens (their prefix, scope, namespace, expiry, status; never the token)."""
-    rows = [t.to_dict() for t in _tokens(home).list()]
+    rows = [t.to_dict() for t in _tokens(home, db_url).list()]
     if as_json:
         print_json(rows)
     elif not rows:
@@ -189,14 +260,15 @@ def token_list(home: str | None, as_json: bool) -> None:
 
 @token.command(name="revoke")
 @_home_option
+@_db_option
 @click.argument("token_id")
 @handle_errors
-def token_revoke(home: str | None, token_id: str) -> None:
+def token_revoke(home: str | None, db_url: str | None, token_id: str) -> None:
     """Revoke a token by its id, its exact prefix as `token list` shows it, or the token itself.
 
     A prefix is matched exactly and case-sensitively; the token stops working at once.
     """
-    info = _tokens(home).revoke(token_id)
+    info = _tokens(home, db_url).revoke(token_id)
     click.echo(f"revoked token {info.id} ({info.lookup}…)")
 
 
@@ -347,6 +419,205 @@ def pull(ref: str, remote_name: str | None, name: str | None, tags: tuple[str, .
         click.echo(f"pulled {v.ref} ({v.digest[:19]})")
 
 
+# ----------------------------------------------------------------------------- webhooks
+
+
+@click.group()
+def webhook() -> None:
+    """Tell other systems (a serving fleet) when versions are published or tags move."""
+
+
+@webhook.command(name="add")
+@click.argument("url")
+@click.option(
+    "--event",
+    "events",
+    multiple=True,
+    required=True,
+    type=click.Choice(["version.published", "tag.moved"]),
+    help="Send this event (repeat for several).",
+)
+@click.option("--ns", "namespace", help="Only for adapters named NS/... (default: every adapter).")
+@_home_option
+@_db_option
+@json_option
+@handle_errors
+def webhook_add(
+    url: str,
+    events: tuple[str, ...],
+    namespace: str | None,
+    home: str | None,
+    db_url: str | None,
+    as_json: bool,
+) -> None:
+    """POST signed JSON to URL on each event; prints the signing secret (HMAC-SHA256)."""
+    hook = _meta(home, db_url).add_hook(url, list(events), namespace)
+    if as_json:
+        print_json(hook)
+        return
+    click.echo(hook["secret"])
+    click.echo(
+        f"(webhook {hook['id']}: {', '.join(hook['events'])}{' on ' + namespace + '/*' if namespace else ''}"
+        f" -> {url}; verify X-Deltahub-Signature with this secret)",
+        err=True,
+    )
+
+
+@webhook.command(name="list")
+@_home_option
+@_db_option
+@json_option
+@handle_errors
+def webhook_list(home: str | None, db_url: str | None, as_json: bool) -> None:
+    """List webhooks (never their secrets)."""
+    rows = [{k: v for k, v in h.items() if k != "secret"} for h in _meta(home, db_url).hooks()]
+    for r in rows:
+        r["events"] = ",".join(r["events"])
+    if as_json:
+        print_json(rows)
+    elif not rows:
+        click.echo("no webhooks (add one with `deltahub webhook add URL --event tag.moved`)")
+    else:
+        print_table(rows, ("id", "url", "events", "namespace"))
+
+
+@webhook.command(name="remove")
+@click.argument("hook_id", type=int)
+@_home_option
+@_db_option
+@handle_errors
+def webhook_remove(hook_id: int, home: str | None, db_url: str | None) -> None:
+    """Remove webhook HOOK_ID."""
+    _meta(home, db_url).remove_hook(hook_id)
+    click.echo(f"removed webhook {hook_id}")
+
+
+@webhook.command(name="log")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@_home_option
+@_db_option
+@json_option
+@handle_errors
+def webhook_log(limit: int, home: str | None, db_url: str | None, as_json: bool) -> None:
+    """The latest deliveries: event, URL, HTTP status, attempts, last error."""
+    rows = _meta(home, db_url).deliveries(limit)
+    if as_json:
+        print_json(rows)
+    elif not rows:
+        click.echo("no deliveries yet")
+    else:
+        print_table(rows, ("id", "hook_id", "event", "url", "status", "ok", "attempts", "error"))
+
+
+# ----------------------------------------------------------------------------- hub storage
+
+
+@click.group(name="hub")
+def hub_group() -> None:
+    """Run the hub's storage: migrate its schema, verify it, copy it to PostgreSQL + S3."""
+
+
+@hub_group.command(name="migrate")
+@_home_option
+@_db_option
+@json_option
+@handle_errors
+def hub_migrate(home: str | None, db_url: str | None, as_json: bool) -> None:
+    """Create or upgrade the hub's metadata schema (run before starting new servers)."""
+    from deltahub.hub.admin import migrate
+
+    result = migrate(db_url, home)
+    if as_json:
+        print_json(result)
+    elif result["db"] == "postgresql":
+        click.echo(f"schema at version {result['to']} (was {result['from']})")
+    else:
+        click.echo(f"embedded hub in {result['home']} is up to date")
+
+
+@hub_group.command(name="verify")
+@_home_option
+@_stores_options
+@click.option("--no-rehash", is_flag=True, help="Check blobs are present without reading them.")
+@click.option(
+    "--sweep", is_flag=True, help="Also remove leftovers of interrupted uploads (only while no upload runs)."
+)
+@json_option
+@handle_errors
+def hub_verify(
+    home: str | None,
+    db_url: str | None,
+    blobs_url: str | None,
+    s3_endpoint_url: str | None,
+    no_rehash: bool,
+    sweep: bool,
+    as_json: bool,
+) -> None:
+    """Check every version's blobs are present and hash to their digests."""
+    from deltahub.hub.admin import open_stores, verify_hub
+
+    stores = open_stores(db_url, blobs_url, home, s3_endpoint_url=s3_endpoint_url, create=False)
+    try:
+        report = verify_hub(stores, rehash=not no_rehash, sweep=sweep)
+    finally:
+        stores.close()
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        for p in report.problems:
+            click.echo(f"problem: {p}")
+        click.echo(
+            f"{report.versions} versions, {report.blobs} blobs: {'ok' if report.ok else 'PROBLEMS'}"
+            f"; {len(report.leftovers)} upload leftovers{f', {report.swept} swept' if sweep else ''}"
+        )
+    if not report.ok:
+        raise SystemExit(1)
+
+
+@hub_group.command(name="copy")
+@click.option("--from", "src_db", help="Source metadata (default: the home's, sqlite:///HOME).")
+@click.option("--from-blobs", "src_blobs", help="Source blobs (default: the source home's blobs/).")
+@click.option("--to", "dst_db", required=True, help="Target metadata: postgresql://USER@HOST/DB.")
+@click.option(
+    "--to-blobs", "dst_blobs", required=True, help="Target blobs: s3://BUCKET/PREFIX or a directory."
+)
+@click.option("--s3-endpoint-url", envvar="DELTAHUB_S3_ENDPOINT_URL", help="S3-compatible endpoint.")
+@_home_option
+@json_option
+@handle_errors
+def hub_copy(
+    src_db: str | None,
+    src_blobs: str | None,
+    dst_db: str,
+    dst_blobs: str,
+    s3_endpoint_url: str | None,
+    home: str | None,
+    as_json: bool,
+) -> None:
+    """Copy a whole hub (blobs, versions, tags, tokens, webhooks) to other stores, then verify it.
+
+    Typically from the embedded default to a team hub:
+    `deltahub hub copy --to postgresql://hub@db/hub --to-blobs s3://bucket/hub`.
+    Running it again adds only what is missing.
+    """
+    from deltahub.hub.admin import copy_hub, open_stores
+
+    src = open_stores(src_db, src_blobs, home, s3_endpoint_url=s3_endpoint_url, create=False)
+    dst = open_stores(dst_db, dst_blobs, home, s3_endpoint_url=s3_endpoint_url)
+    try:
+        report = copy_hub(src, dst)
+    finally:
+        src.close()
+        dst.close()
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        click.echo(
+            f"copied {report.versions} versions and {report.blobs} blobs ({report.bytes} bytes sent); "
+            "verified: every version, tag and blob matches"
+        )
+
+
 def register(cli: click.Group) -> None:
-    for command in (serve, token, remote, login, push, pull):
+    for command in (serve, token, webhook, hub_group, remote, login, push, pull):
         cli.add_command(command)
