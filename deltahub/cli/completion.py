@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 MAX_ITEMS = 200
+REF_ARGUMENTS = ("ref", "refs", "ref_a", "ref_b")  # the argument names that take a ref
 
 
 def ref_candidates(incomplete: str, registry: Any = None) -> list[str]:

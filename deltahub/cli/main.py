@@ -47,3 +47,19 @@ def cli(home: str | None) -> None:
 
 for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(cli)
+
+
+def _complete_ref_arguments(group: click.Group) -> None:
+    """Every REF argument completes registry refs in the shell (see deltahub.cli.completion).
+
+    `pull` is left out: its refs name what a remote has, not the local registry.
+    """
+    from deltahub.cli.completion import REF_ARGUMENTS, complete_refs
+
+    for name, command in group.commands.items():
+        for param in command.params:
+            if isinstance(param, click.Argument) and param.name in REF_ARGUMENTS and name != "pull":
+                param._custom_shell_complete = complete_refs
+
+
+_complete_ref_arguments(cli)
