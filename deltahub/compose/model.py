@@ -34,6 +34,7 @@ from deltahub.compose.base import fingerprint_of
 from deltahub.compose.blocks import Block, DeltaFn, Node, as_block, check_composition
 from deltahub.compose.inject import Site, is_bnb_linear
 from deltahub.compose.routing import Route, routed_forward
+from deltahub.compose.slots import DEFAULT_SLOTS, SlotBank, SlotTable, gatherable
 from deltahub.errors import AlreadyExists, IncompatibleBase, InvalidConfig, NotFound, Unsupported
 from deltahub.fileformat import TASK_HEAD_PREFIX as HEAD_PREFIX
 from deltahub.methods import get_method
@@ -69,6 +70,10 @@ class AdaptedModel(nn.Module):
         self.merge_reports: dict[str, Any] = {}  # name -> quant.MergeReport (quantized bases)
         self._counter = 0
         self.fingerprint = fingerprint_of(base)
+        # Per-row routing's slot buffers (`deltahub.compose.slots`): how many adapters one
+        # batch gathers; more are paged in least-recently-used first.
+        self.routing_slots = DEFAULT_SLOTS
+        self._slot_table: SlotTable | None = None
 
     # ------------------------------------------------------------------ pass-through
 
@@ -232,6 +237,8 @@ class AdaptedModel(nn.Module):
                 )
             self.deactivate()
         adapter.detach()
+        if self._slot_table is not None:
+            self._slot_table.forget(name)
         del self.adapter_modules[self._keys.pop(name)]
         del self._adapters[name], self._digests[name]
 
@@ -313,13 +320,15 @@ class AdaptedModel(nn.Module):
         try:
             for path in self._active_paths - paths:
                 self._sites[path].set(None)
+            slots = self._assign_slots(route, adapters, paths)
             for path in paths:
                 site = self._sites[path]
                 fns: list[DeltaFn | None] = []
-                for a in adapters:
-                    d = a.delta_at(path)
-                    fns.append(None if d is None else d.delta)
-                site.set(routed_forward(site.base_forward, fns, route))
+                deltas = [a.delta_at(path) for a in adapters]
+                bank, gathered = self._slot_bank(path, route, deltas, slots)
+                for n, d in zip(route.keys, deltas, strict=True):
+                    fns.append(None if d is None or n in gathered else d.delta)
+                site.set(routed_forward(site.base_forward, fns, route, bank))
             yield route
         finally:
             for path, fn in saved.items():
@@ -330,6 +339,50 @@ class AdaptedModel(nn.Module):
                     site.module.forward = fn
             for a in hooked:
                 a.set_active(self.base, True)
+
+    def _assign_slots(self, route: Route, adapters: list[AdapterModule], paths: set[str]) -> dict[str, int]:
+        """Slots for the batch's adapters that have a gatherable site (`slots.SlotTable`)."""
+        names = [
+            n
+            for n, a in zip(route.keys, adapters, strict=True)
+            if any(gatherable(a.delta_at(p)) for p in a.paths if p in paths)
+        ]
+        if len(names) < 2:
+            return {}  # one adapter: its plain per-adapter matmuls beat a gather
+        table = self._slot_table
+        if table is None or table.capacity != self.routing_slots:
+            table = self._slot_table = SlotTable(self.routing_slots)
+        route.slots = table.assign(names)
+        return route.slots
+
+    def _slot_bank(
+        self, path: str, route: Route, deltas: list[Any], slots: dict[str, int]
+    ) -> tuple[SlotBank | None, set[str]]:
+        """The bank at `path` with each slotted adapter's factors in its slot (cleared where
+        the adapter is not gathered here), and the adapters gathered here (None, empty: none)."""
+        if not slots:
+            return None, set()
+        table = self._slot_table
+        assert table is not None
+        bank: SlotBank | None = table.banks.get(path)
+        used: set[str] = set()
+        for n, d in zip(route.keys, deltas, strict=True):
+            slot = slots.get(n, 0)
+            if not slot:
+                continue
+            if d is not None and gatherable(d):
+                b = table.bank(path, d)
+                if b is not None:
+                    b.put(slot, d, table.capacity)
+                    bank = b
+                    used.add(n)
+                    continue
+            if bank is not None:
+                bank.clear(slot)
+        if not used or bank is None:
+            return None, set()
+        bank.ensure(max(slots.values()), table.capacity)  # every row's slot index exists here
+        return bank, used
 
     # ------------------------------------------------------------------ merging
 

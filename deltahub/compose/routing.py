@@ -8,6 +8,13 @@ copy); otherwise an index tensor (`index_select` / `index_add_`). The base matmu
 once on the full batch, so the extra cost is the adapters' own small matmuls, split
 into per-adapter pieces.
 
+Many LoRAs in one batch run as one gathered computation per site instead
+(`deltahub.compose.slots`): the plain LoRAs of the batch sit in stacked slot buffers and
+each row carries a slot index, so a site costs two batched matmuls whatever the number
+of adapters. The per-adapter loop above stays for what cannot be gathered (DoRA,
+`lora_bias`, saved heads and biases, embedding LoRA, other methods) and for a site with
+a single gathered adapter (one plain matmul on its rows is cheaper than a gather).
+
 Generation may repeat each row k times (`num_beams`, `num_return_sequences`, as
 `repeat_interleave`); a site that sees k * n rows expands the grouping to match.
 """
@@ -21,6 +28,7 @@ import torch
 from torch import Tensor
 
 from deltahub.compose.blocks import DeltaFn
+from deltahub.compose.slots import SlotBank, gathered_delta
 from deltahub.errors import InvalidConfig
 
 Rows = slice | Tensor
@@ -37,6 +45,23 @@ class Route:
         self.names = list(names)
         self.keys: list[str] = [n for n in dict.fromkeys(names) if n is not None]
         self._cache: dict[tuple[int, torch.device], list[tuple[int, Rows]]] = {}
+        self.slots: dict[str, int] = {}  # adapter -> slot (`slots.SlotTable`), set by the model
+        self._slot_cache: dict[tuple[int, torch.device], Tensor] = {}
+
+    def slot_rows(self, batch: int, device: torch.device) -> Tensor:
+        """The slot of each of `batch` rows (0: no gathered adapter), repeated as `groups`."""
+        key = (batch, device)
+        found = self._slot_cache.get(key)
+        if found is None:
+            n = len(self.names)
+            if batch % n:
+                raise InvalidConfig(f"adapter_names has {n} entries but the batch has {batch} rows")
+            per_row = [self.slots.get(m, 0) if m is not None else 0 for m in self.names]
+            found = torch.tensor(per_row, dtype=torch.long, device=device)
+            if batch > n:
+                found = found.repeat_interleave(batch // n)
+            self._slot_cache[key] = found
+        return found
 
     def groups(self, batch: int, device: torch.device) -> list[tuple[int, Rows]]:
         """[(index into keys, rows)] for a batch of `batch` rows on `device`."""
@@ -63,12 +88,25 @@ class Route:
 
 
 def routed_forward(
-    base_forward: Callable[..., Tensor], fns: list[DeltaFn | None], route: Route
+    base_forward: Callable[..., Tensor],
+    fns: list[DeltaFn | None],
+    route: Route,
+    bank: SlotBank | None = None,
 ) -> Callable[..., Tensor]:
-    """A site forward that adds each adapter's delta to its own rows."""
+    """A site forward that adds each adapter's delta to its own rows: the gathered
+    adapters' in one computation over `bank` (rows by `route.slot_rows`), the others
+    (`fns[i]` not None) one by one."""
 
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         y = base_forward(x, *args, **kwargs)
+        if bank is not None:
+            d = gathered_delta(x, route.slot_rows(x.shape[0], x.device), bank)
+            if y.requires_grad or d.requires_grad or y.dtype != d.dtype or not y.is_contiguous():
+                y = y + d.to(y.dtype)
+            else:
+                y.add_(d)
+        if all(fn is None for fn in fns):
+            return y
         groups = route.groups(x.shape[0], x.device)
         for i, rows in groups:
             fn = fns[i]

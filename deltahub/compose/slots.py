@@ -1,0 +1,211 @@
+"""Slot buffers for per-row routing: many LoRAs in one gathered computation per site.
+
+Punica / S-LoRA's BGMV layout (and vLLM's punica wrapper): at each adapted module
+(a "site") the LoRA factors of the routed adapters live stacked in two buffers,
+
+    A[slot, r_max, d_in]        lora_A, zero-padded to the largest rank seen
+    B[slot, d_out, r_max]       s * lora_B (the scaling folded in), zero-padded
+
+and a batch carries one slot index per row. Slot 0 is all zeros (rows with no adapter,
+or whose adapter is not gathered at this site), so every row goes through the same
+two batched matmuls and the zero rows add exactly 0.
+
+`gathered_delta(x, slots, bank)` computes, in one `torch.bmm` pair over gathered
+factors, what this plain loop computes (the reference the tests keep):
+
+    for i in range(n_rows):
+        s = slots[i]
+        out[i] = (x[i] @ A[s].T) @ B[s].T        # = s_i * x[i] A_i^T B_i^T for row i's LoRA
+
+Padding is exact: padded rows of A give zero columns of the intermediate, met by zero
+columns of B.
+
+Which adapter occupies which slot is decided once per forward, for the whole model,
+by `SlotTable` (the same slot at every site): an adapter used by the batch that is not
+in a slot is paged in (its factors copied into that slot at each site; nothing is
+reallocated), evicting the least recently used adapter not in the batch. Resident
+adapters beyond the slots stay where they are (their own parameters, on CPU or
+mmapped from the artifact) until a batch needs them, so thousands can be resident
+with `capacity` slots. A batch with more distinct adapters than slots runs the
+overflow through the per-adapter path (same results, a loop).
+
+A bank's slot dimension is allocated on demand, doubling up to `capacity` (so a model
+that only ever routes 4 adapters holds 4 slots, not 64); its rank dimension grows when
+a larger rank arrives. Both are rare, amortized events; activation itself copies into
+existing storage.
+
+What is gathered: a plain `LoraLayer` (LoRA or rsLoRA, any rank) whose factors need no
+gradient. DoRA, `lora_bias`, saved heads / biases (`SavedParams`), embedding LoRA and
+every other method keep the per-adapter path for their rows at that site.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+DEFAULT_SLOTS = 64
+
+
+def gatherable(delta: Any) -> bool:
+    """Whether a site delta can live in a slot (see the module docstring)."""
+    from deltahub.methods.lora.layer import LoraLayer
+
+    if type(delta) is not LoraLayer or delta.use_dora or delta.lora_B_bias is not None:
+        return False
+    A, B = delta.lora_A, delta.lora_B
+    if not A.is_floating_point():
+        return False
+    return not (torch.is_grad_enabled() and (A.requires_grad or B.requires_grad))
+
+
+def _signature(layer: Any) -> tuple[Any, ...]:
+    A, B = layer.lora_A, layer.lora_B
+    return (id(layer), id(A), id(B), A._version, B._version, layer.scaling)
+
+
+class SlotBank:
+    """The stacked factors of one site: `A[1 + n, r_max, d_in]`, `B[1 + n, d_out, r_max]`
+    (slot 0 all zeros), plus what each slot holds (a signature of the layer copied in)."""
+
+    def __init__(self, d_in: int, d_out: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.d_in, self.d_out, self.dtype, self.device = d_in, d_out, dtype, device
+        self.r_max = 0
+        self.A = torch.zeros(1, 0, d_in, dtype=dtype, device=device)
+        self.B = torch.zeros(1, d_out, 0, dtype=dtype, device=device)
+        self.held: list[tuple[Any, ...] | None] = [None]
+
+    @property
+    def n_slots(self) -> int:
+        return self.A.shape[0] - 1
+
+    def fits(self, layer: Any) -> bool:
+        A = layer.lora_A
+        return A.dtype == self.dtype and A.device == self.device and A.shape[1] == self.d_in
+
+    def _grow(self, n_slots: int, r: int) -> None:
+        n = max(self.n_slots, n_slots)
+        r = max(self.r_max, r)
+        if n == self.n_slots and r == self.r_max:
+            return
+        A = torch.zeros(1 + n, r, self.d_in, dtype=self.dtype, device=self.device)
+        B = torch.zeros(1 + n, self.d_out, r, dtype=self.dtype, device=self.device)
+        A[: self.A.shape[0], : self.r_max] = self.A
+        B[: self.B.shape[0], :, : self.r_max] = self.B
+        self.A, self.B, self.r_max = A, B, r
+        self.held += [None] * (1 + n - len(self.held))
+
+    def ensure(self, slot: int, capacity: int, r: int = 0) -> None:
+        """Room for slots 1..`slot` (doubling, at most `capacity`) and rank `r`."""
+        if slot > self.n_slots or r > self.r_max:
+            want = self.n_slots
+            while want < slot:
+                want = max(1, 2 * want)
+            self._grow(min(max(want, slot), capacity), r)
+
+    def put(self, slot: int, layer: Any, capacity: int) -> None:
+        """Copy `layer`'s factors into `slot` (1-based) unless it already holds them."""
+        sig = _signature(layer)
+        if slot < len(self.held) and self.held[slot] == sig:
+            return
+        self.ensure(slot, capacity, layer.lora_A.shape[0])
+        r = layer.lora_A.shape[0]
+        with torch.no_grad():
+            self.A[slot].zero_()
+            self.A[slot, :r].copy_(layer.lora_A)
+            self.B[slot].zero_()
+            self.B[slot, :, :r].copy_(layer.lora_B)
+            self.B[slot, :, :r].mul_(layer.scaling)
+        self.held[slot] = sig
+
+    def clear(self, slot: int) -> None:
+        """Make `slot` add nothing at this site."""
+        if slot < len(self.held) and self.held[slot] is not None:
+            self.A[slot].zero_()
+            self.B[slot].zero_()
+            self.held[slot] = None
+
+
+def gathered_delta(x: Tensor, slots: Tensor, bank: SlotBank) -> Tensor:
+    """Each row's LoRA output: row i gets (x[i] A[slots[i]]^T) B[slots[i]]^T (module docstring).
+
+    x: (n, ..., d_in); slots: (n,) long on x's device. Returns (n, ..., d_out) in the
+    bank's dtype.
+    """
+    n = x.shape[0]
+    x3 = x.reshape(n, -1, x.shape[-1])
+    if x3.dtype != bank.dtype:
+        x3 = x3.to(bank.dtype)
+    A = bank.A.index_select(0, slots)  # (n, r, d_in)
+    B = bank.B.index_select(0, slots)  # (n, d_out, r)
+    h = torch.bmm(x3, A.transpose(1, 2))  # (n, t, r)
+    out = torch.bmm(h, B.transpose(1, 2))  # (n, t, d_out)
+    return out.reshape(*x.shape[:-1], bank.d_out)
+
+
+def looped_delta(x: Tensor, slots: Tensor, bank: SlotBank) -> Tensor:
+    """The plain loop `gathered_delta` replaces (kept as the tests' reference)."""
+    out = torch.zeros(*x.shape[:-1], bank.d_out, dtype=bank.dtype, device=x.device)
+    for i in range(x.shape[0]):
+        s = int(slots[i])
+        out[i] = (x[i].to(bank.dtype) @ bank.A[s].T) @ bank.B[s].T
+    return out
+
+
+class SlotTable:
+    """Which adapter occupies which slot (the same at every site), least recently used first."""
+
+    def __init__(self, capacity: int = DEFAULT_SLOTS) -> None:
+        if capacity < 1:
+            raise ValueError("a slot table needs at least one slot")
+        self.capacity = capacity
+        self.lru: OrderedDict[str, int] = OrderedDict()  # name -> slot (1-based)
+        self.banks: dict[str, SlotBank] = {}
+        self.page_ins = 0  # adapters copied into a slot (for tests and benchmarks)
+
+    def assign(self, names: Sequence[str]) -> dict[str, int]:
+        """Slots for the adapters of one batch (paging in, evicting the LRU ones not in it).
+
+        Adapters beyond `capacity` get none (the caller runs them per adapter).
+        """
+        want = list(dict.fromkeys(names))
+        out: dict[str, int] = {}
+        for n in want:
+            if n in self.lru:
+                self.lru.move_to_end(n)
+                out[n] = self.lru[n]
+        free = sorted(set(range(1, self.capacity + 1)) - set(self.lru.values()), reverse=True)
+        for n in want:
+            if n in out:
+                continue
+            if free:
+                slot = free.pop()
+            else:
+                victim = next((m for m in self.lru if m not in out), None)
+                if victim is None:
+                    continue  # more distinct adapters than slots: this one runs per adapter
+                slot = self.lru.pop(victim)
+            self.lru[n] = slot
+            out[n] = slot
+            self.page_ins += 1
+        return out
+
+    def forget(self, name: str) -> None:
+        """Drop an adapter's slot (unloaded); its factors are cleared lazily by signature."""
+        slot = self.lru.pop(name, None)
+        if slot is not None:
+            for bank in self.banks.values():
+                bank.clear(slot)
+
+    def bank(self, path: str, layer: Any) -> SlotBank | None:
+        """The bank at `path` for `layer`'s dims, dtype and device (None if it does not fit one)."""
+        bank = self.banks.get(path)
+        if bank is None:
+            A, B = layer.lora_A, layer.lora_B
+            bank = SlotBank(A.shape[1], B.shape[0], A.dtype, A.device)
+            self.banks[path] = bank
+        return bank if bank.fits(layer) else None
