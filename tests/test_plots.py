@@ -25,8 +25,9 @@ from tests import fusion_helpers as fh
 from tests.hub_helpers import lora_dir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 needs_matplotlib = pytest.mark.skipif(
-    importlib.util.find_spec("matplotlib") is None,
+    not HAVE_MPL,
     reason="matplotlib is not installed: pip install 'deltahub[plots]'",
 )
 
@@ -232,3 +233,20 @@ def test_older_fusions_without_per_site_attention_get_one_row() -> None:
         {"constituents": [{"name": "a"}, {"name": "b"}], "attention": {"a": 0.25, "b": 0.75}}
     )
     assert (m.sites, m.constituents, m.values) == (["mean over sites"], ["a", "b"], [[0.25, 0.75]])
+
+
+def test_quickstart_ends_with_the_fusion_page_and_its_plots(fused: dict[str, Any], tmp_path: Path) -> None:
+    from deltahub.quickstart import _plots, _see_it
+
+    registry, fz = fused["registry"], fused["fusion"]
+    a, b = fused["refs"]
+    made = _plots(diff(a, b, registry=registry), registry, fz.ref, tmp_path) if HAVE_MPL else {}
+    text = _see_it(tmp_path, fz.ref, made)
+    assert f"deltahub serve --home {tmp_path}" in text
+    assert "the fusion's page: http://127.0.0.1:8600/ui/a/team/fz/v/1/fusion" in text
+    if HAVE_MPL:
+        assert sorted(made) == ["attention", "diff"]
+        for path in made.values():
+            _valid_png(path)
+            assert str(path) in text
+    assert "pip install 'deltahub[plots]'" in _see_it(tmp_path, fz.ref, {})

@@ -127,15 +127,18 @@ def _page(fn: Callable[[Request], Response]) -> Callable[[Request], Any]:
         try:
             return await run_in_threadpool(fn, request)
         except TooManyFailures as e:
-            return _render(request, "error.html", 429, title="Too many attempts", message=str(e))
+            page: tuple[Any, ...] = ("error.html", 429, {"title": "Too many attempts", "message": str(e)})
         except Forbidden as e:
-            return _render(request, "error.html", 403, title="Not allowed", message=str(e))
+            page = ("error.html", 403, {"title": "Not allowed", "message": str(e)})
         except AuthError:
-            return _render(request, "login.html", 401, next=_local(request.url.path), error=None, session={})
+            page = ("login.html", 401, {"next": _local(request.url.path), "error": None, "session": {}})
         except NotFound as e:
-            return _render(request, "error.html", 404, title="Not found", message=_scrub(request, e))
+            page = ("error.html", 404, {"title": "Not found", "message": _scrub(request, e)})
         except DeltahubError as e:
-            return _render(request, "error.html", 400, title="Cannot show that", message=_scrub(request, e))
+            page = ("error.html", 400, {"title": "Cannot show that", "message": _scrub(request, e)})
+        template, status, context = page
+        # in a worker thread too: the header line looks the token up
+        return await run_in_threadpool(lambda: _render(request, template, status, **context))
 
     return handler
 
