@@ -11,6 +11,14 @@ without the network (`BlobStore.put_file` + `Registry.commit`), so the ratio is 
 of HTTP, auth and the server.
 
     python bench/hub_bench.py --clients 16 --ops 25
+
+`--team` measures the storage back-ends instead (section "hub: PostgreSQL + S3"): the
+embedded default (one process), and PostgreSQL + S3 (moto's server) behind one and two
+`deltahub serve` processes, with the same clients, pushes, pulls and resolves: push and
+pull throughput, resolve latency (p50, p99), the servers' CPU time, wall time, and the
+load average. PostgreSQL and moto start as the tests start them (tests/hub_services.py).
+
+    python bench/hub_bench.py --team --clients 8 --ops 15
 """
 
 from __future__ import annotations
@@ -100,6 +108,185 @@ def run_phase(n: int, fn) -> tuple[float, list[BaseException]]:
     return time.perf_counter() - t0, errors
 
 
+# ----------------------------------------------------------------------------- --team
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_team_server(home: Path, port: int, stores: dict[str, str]) -> subprocess.Popen:
+    args = [sys.executable, "-c", "from deltahub.cli.main import cli; cli()", "serve", "--home", str(home)]
+    args += ["--port", str(port), "--log-level", "warning"]
+    if stores:
+        args += [
+            "--db",
+            stores["db"],
+            "--blobs",
+            stores["blobs"],
+            "--s3-endpoint-url",
+            stores["s3_endpoint_url"],
+        ]
+    proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def team_config(
+    name: str, servers: int, stores: dict[str, str], homes: list[Path], root: Path, p: int
+) -> dict:
+    """Push, pull and resolve through `servers` processes over `stores` ({}: embedded)."""
+    n = len(homes)
+    server_home = root / f"server-{name}"
+    if stores:
+        from deltahub.hub.pgmeta import PostgresMeta
+
+        meta = PostgresMeta(stores["db"])
+        token = meta.handle().tokens.create("write")[0]
+        meta.close()
+    else:
+        Registry(server_home).close()
+        token = TokenStore(server_home).create("write")[0]
+    ports = [free_port() for _ in range(servers)]
+    procs = [start_team_server(server_home, port, stores) for port in ports]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    cpu0 = sum(cpu_seconds(pr.pid) for pr in procs)
+    latencies: list[float] = []
+    lat_lock = threading.Lock()
+    try:
+
+        def pusher(i: int) -> None:
+            reg = Registry(homes[i])
+            clients = [HubClient(u, token) for u in urls]
+            for k in range(1, p + 1):
+                push(f"bench/c{i}@{k}", clients[(i + k) % servers], reg)
+
+        def puller(i: int) -> None:
+            reg = Registry(root / f"pull-{name}-{i}")
+            clients = [HubClient(u, token) for u in urls]
+            j = (i + 1) % n
+            for k in range(1, p + 1):
+                pull(f"bench/c{j}@{k}", clients[(i + k + 1) % servers], reg)
+
+        def resolver(i: int) -> None:
+            clients = [HubClient(u, token) for u in urls]
+            mine = []
+            for k in range(4 * p):
+                t0 = time.perf_counter()
+                clients[k % servers].resolve(f"bench/c{(i + k) % n}@latest")
+                mine.append(time.perf_counter() - t0)
+            with lat_lock:
+                latencies.extend(mine)
+
+        push_s, e1 = run_phase(n, pusher)
+        load_push = os.getloadavg()[0]
+        pull_s, e2 = run_phase(n, puller)
+        resolve_s, e3 = run_phase(n, resolver)
+        load = os.getloadavg()[0]
+        cpu = sum(cpu_seconds(pr.pid) for pr in procs) - cpu0
+    finally:
+        for pr in procs:
+            pr.terminate()
+            pr.wait(30)
+    latencies.sort()
+    q = lambda f: latencies[min(len(latencies) - 1, int(f * len(latencies)))] * 1e3  # noqa: E731
+    return {
+        "name": name,
+        "errors": e1 + e2 + e3,
+        "push_s": push_s,
+        "pull_s": pull_s,
+        "resolve_s": resolve_s,
+        "resolves": len(latencies),
+        "p50": q(0.50),
+        "p99": q(0.99),
+        "cpu": cpu,
+        "load_push": load_push,
+        "load": load,
+    }
+
+
+def team_main(args: argparse.Namespace) -> None:
+    from tests.hub_services import S3_ENV, fresh_bucket, fresh_database, s3_endpoint
+
+    for k, v in S3_ENV.items():
+        os.environ.setdefault(k, v)
+    n, p = args.clients, args.ops
+    root = Path(tempfile.mkdtemp(prefix="hub-team-bench-"))
+    results = []
+    try:
+        homes = [root / f"client{i}" for i in range(n)]
+        print(f"preparing {n} x {p} synthetic adapters ...", flush=True)
+        for i, home in enumerate(homes):
+            reg = Registry(home)
+            for k in range(p):
+                src = synthetic_lora(
+                    root / "src" / f"{i}-{k}", i * 1000 + k, args.modules, args.hidden, args.rank
+                )
+                reg.publish(src, f"bench/c{i}")
+            reg.close()
+        version_bytes = Registry(homes[0]).resolve("bench/c0@1").size
+        configs = [("embedded (SQLite + directory), 1 process", 1, False)]
+        configs += [("PostgreSQL + S3, 1 process", 1, True), ("PostgreSQL + S3, 2 processes", 2, True)]
+        for name, servers, team in configs:
+            stores = {}
+            if team:
+                stores = {"db": fresh_database(), "blobs": fresh_bucket(), "s3_endpoint_url": s3_endpoint()}
+            print(f"{name} ...", flush=True)
+            w0 = time.perf_counter()
+            r = team_config(name.split(",")[0].split(" ")[0] + str(servers), servers, stores, homes, root, p)
+            r["label"], r["wall"] = name, time.perf_counter() - w0
+            results.append(r)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    ops = n * p
+    mb = ops * version_bytes / 1e6
+    errors = sum(len(r["errors"]) for r in results)
+    lines = [
+        "## hub: PostgreSQL + S3",
+        "",
+        f"Command: `python bench/hub_bench.py --team --clients {n} --ops {p}`",
+        f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), shared with other "
+        "engineers' work at the time (see the load average); servers, clients, PostgreSQL 15 (a throwaway "
+        "cluster, fsync off) and moto's S3 server all on 127.0.0.1.",
+        "",
+        f"{n} concurrent clients x {p} pushes of their own adapter, then x {p} pulls of a neighbour's, then "
+        f"x {4 * p} resolves of `@latest`, spread round-robin over the server processes; synthetic LoRA "
+        f"versions of {version_bytes / 1e3:.0f} kB (3 blobs). CPU: the server processes' user + system time "
+        "over the three phases (not PostgreSQL's or moto's).",
+        "",
+        "| storage, servers | push ops/s | push MB/s | pull ops/s | pull MB/s | resolve p50 | resolve p99 "
+        "| server CPU | wall | load avg (1 min) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['label']} | {ops / r['push_s']:.0f} | {mb / r['push_s']:.1f} | {ops / r['pull_s']:.0f} | "
+            f"{mb / r['pull_s']:.1f} | {r['p50']:.1f} ms | {r['p99']:.1f} ms | {r['cpu']:.1f} s | {r['wall']:.1f} s | "
+            f"{r['load_push']:.1f} / {r['load']:.1f} |"
+        )
+    lines += ["", f"Checks: errors {errors}; every pulled version's digest checked by `pull`. "
+              f"**{'PASS' if not errors else 'FAIL'}**"]  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    print(text)
+    for r in results:
+        if r["errors"]:
+            print(r["label"], "first error:", repr(r["errors"][0]))
+    if not args.no_write:
+        from bench_results import write_section
+
+        write_section(args.results, "hub: PostgreSQL + S3", text)
+    sys.exit(0 if not errors else 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=16)
@@ -109,8 +296,12 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    ap.add_argument("--team", action="store_true", help="compare the storage back-ends (see above)")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.team:
+        team_main(args)
+        return
     n, p = args.clients, args.ops
 
     root = Path(tempfile.mkdtemp(prefix="hub-bench-"))

@@ -13,8 +13,7 @@ Several `deltahub serve` processes share one database. What keeps them correct:
 - Search is PostgreSQL's own full-text search: a `tsvector` of name, description, task,
   method and base model on each row, a GIN index over latest versions only.
 
-The schema is versioned in `deltahub_schema`; `migrate()` applies what is missing under a
-transaction-scoped advisory lock, so servers starting together migrate once.
+The schema and its migrations: pgschema.py.
 """
 
 from __future__ import annotations
@@ -31,122 +30,10 @@ from typing import Any
 from deltahub import artifact as af
 from deltahub.errors import AlreadyExists, InvalidArtifact, InvalidConfig, InvalidRef, NotFound
 from deltahub.hub.meta import MetaStore, check_hook, hook_matches, new_secret, redact
+from deltahub.hub.pgschema import DOC, MIGRATIONS, connect, migrate, schema_version
 from deltahub.hub.tokens import TokenStore
 from deltahub.registry.refs import Ref, check_name, check_tag, check_version, parse_ref
 from deltahub.registry.version import Version, version_key
-
-MIGRATION_LOCK = 0x64656C7461  # advisory lock key ("delta")
-_DOC = (
-    "to_tsvector('simple', regexp_replace(concat_ws(' ', full_name, description, task, method, base_model),"
-    " '[^[:alnum:]]+', ' ', 'g'))"
-)
-
-MIGRATIONS: list[str] = [
-    # 1: everything the embedded registry.db + hub.db hold
-    """
-    create table adapters (full_name text primary key, namespace text not null);
-    create table versions (
-        id bigserial primary key,
-        full_name text not null references adapters,
-        namespace text not null,
-        name text not null,
-        version text not null,
-        seq integer not null,
-        vnum bigint,
-        digest text not null,
-        method text not null,
-        base_model text, base_fingerprint text, task text, description text, license text,
-        metrics text, parents text,
-        size bigint not null default 0,
-        created text not null,
-        published double precision,
-        is_latest boolean not null default false,
-        doc tsvector,
-        unique (full_name, version),
-        unique (full_name, seq)
-    );
-    create index versions_digest on versions (digest text_pattern_ops);
-    create index versions_latest on versions (full_name) where is_latest;
-    create index versions_doc on versions using gin (doc) where is_latest;
-    create table files (
-        version_id bigint not null references versions on delete cascade,
-        filename text not null, blob text not null, size bigint not null,
-        primary key (version_id, filename)
-    );
-    create index files_blob on files (blob);
-    create table tags (
-        full_name text not null, tag text not null,
-        version_id bigint not null references versions on delete cascade,
-        updated text not null,
-        primary key (full_name, tag)
-    );
-    create index tags_version on tags (version_id);
-    create table tokens (
-        id bigserial primary key, lookup text not null, hash text not null, scope text not null,
-        namespace text, description text, created double precision not null,
-        expires double precision, revoked double precision
-    );
-    create index tokens_lookup on tokens (lookup);
-    create table blob_links (
-        namespace text not null, digest text not null, linked double precision not null,
-        primary key (namespace, digest)
-    );
-    create index blob_links_digest on blob_links (digest);
-    create table blob_checks (
-        digest text primary key, ino bigint, size bigint, mtime_ns bigint, ctime_ns bigint,
-        checked double precision
-    );
-    create table webhooks (
-        id bigserial primary key, url text not null, events text not null, namespace text,
-        secret text not null, created double precision not null
-    );
-    create table deliveries (
-        id bigserial primary key, hook_id bigint, event text, delivery text, url text,
-        status integer, ok boolean, attempts integer, error text, at double precision
-    );
-    """,
-]
-
-
-def _connect(url: str) -> Any:
-    try:
-        import psycopg
-        from psycopg.rows import dict_row
-    except ImportError:  # pragma: no cover - depends on the install
-        raise InvalidConfig(
-            "a PostgreSQL hub needs psycopg: pip install 'deltahub[team]' (or 'psycopg[binary]')"
-        ) from None
-    try:
-        return psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=15)
-    except psycopg.OperationalError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InvalidConfig(f"cannot connect to {redact(url)}: {first}") from None
-
-
-def schema_version(conn: Any) -> int:
-    found = conn.execute("select to_regclass('deltahub_schema') as t").fetchone()
-    if found["t"] is None:
-        return 0
-    return conn.execute("select coalesce(max(version), 0) as v from deltahub_schema").fetchone()["v"]
-
-
-def migrate(url: str) -> tuple[int, int]:
-    """Create or upgrade the schema; return (version before, version after)."""
-    conn = _connect(url)
-    try:
-        with conn.transaction():
-            conn.execute("select pg_advisory_xact_lock(%s)", [MIGRATION_LOCK])
-            conn.execute(
-                "create table if not exists deltahub_schema (version integer primary key, applied double precision)"
-            )
-            before = schema_version(conn)
-            for number, sql in enumerate(MIGRATIONS, start=1):
-                if number > before:
-                    conn.execute(sql)
-                    conn.execute("insert into deltahub_schema values (%s, %s)", [number, time.time()])
-        return before, len(MIGRATIONS)
-    finally:
-        conn.close()
 
 
 class PostgresMeta(MetaStore):
@@ -158,7 +45,7 @@ class PostgresMeta(MetaStore):
         if create:
             migrate(url)
         else:
-            conn = _connect(url)
+            conn = connect(url)
             try:
                 have = schema_version(conn)
             finally:
@@ -225,7 +112,7 @@ class PgHandle:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.conn = _connect(url)
+        self.conn = connect(url)
         self.tokens = PgTokens(self)
 
     @property
@@ -438,7 +325,7 @@ class PgHandle:
                         manifest.created, time.time(),
                     ],
                 )  # fmt: skip
-                self.conn.execute(f"update versions set doc = {_DOC} where id = %s", [row["id"]])
+                self.conn.execute(f"update versions set doc = {DOC} where id = %s", [row["id"]])
                 with self.conn.cursor() as cur:
                     cur.executemany(
                         "insert into files (version_id, filename, blob, size) values (%s, %s, %s, %s)",
