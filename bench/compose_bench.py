@@ -1,18 +1,25 @@
-"""Composition runtime vs PEFT, same model, same batch, same run.
+"""Composition runtime vs PEFT, same model, same batch, same process.
 
 Model: LlamaForCausalLM(hidden 512, intermediate 1376, 8 layers, 8 heads, vocab 8000),
-random weights, fp32, 2 threads. LoRA r=16, alpha 32 on q,k,v,o,gate,up,down (56
-modules). Batch 8 x 128 tokens.
+random weights, fp32, 1 thread (`--threads`). LoRA r=16, alpha 32 on q,k,v,o,gate,up,down
+(56 modules); 64 such adapters, the same weights in PEFT and deltahub (PEFT saves them,
+deltahub loads PEFT's directories).
 
-    python bench/compose_bench.py [--repeats N]
+    python bench/compose_bench.py [--rounds 5] [--threads 1] [--ks 1,8,32,64]
 
-Measures (median of repeats):
-  1. load + activate by name from the registry (warm page cache) vs PEFT
-     `load_adapter` + `set_adapter` from the same directory;
-  2. switching the active adapter among resident ones vs PEFT `set_adapter`;
-  3. unmerged LoRA forward / bare base forward, deltahub and PEFT;
-  4. per-row batch with 8 distinct adapters / the same batch with one adapter,
-     deltahub and PEFT (`adapter_names`).
+Measures, every variant timed once per round, rounds interleaved (the order reversed
+every other round) so that load from other processes hits the variants alike:
+
+  0. one site's kernel: the gathered slot computation (`slots.gathered_delta`) vs the
+     per-adapter loop over the same rows, K distinct adapters among 64 rows;
+  1. unmerged LoRA forward / bare base forward (batch 8 x 128), deltahub and PEFT;
+  2. per-row routing, 64 rows x `--seq` tokens, K distinct adapters (row i gets
+     adapter i mod K) / the same batch with one adapter, deltahub (`adapter_names`) and
+     PEFT's mixed-batch `adapter_names` forward.
+
+Each figure is the median over rounds of the per-round ratio (paired), in CPU time
+(`time.process_time`, this process only) and wall time; the load average is printed
+before and after. Max |deltahub - PEFT| of the routed logits guards correctness.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,32 +39,103 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VOCAB = 8000
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def timeit(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
+def once(fn: Callable[[], object]) -> tuple[float, float]:
+    """(CPU seconds, wall seconds) of one call, without autograd."""
+    c, w = time.process_time(), time.perf_counter()
+    with torch.no_grad():
         fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return time.process_time() - c, time.perf_counter() - w
+
+
+def interleaved(
+    variants: dict[str, Callable[[], object]], rounds: int
+) -> dict[str, list[tuple[float, float]]]:
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
+    for fn in variants.values():
+        once(fn)  # warm-up
+    keys = list(variants)
+    for i in range(rounds):
+        for k in keys if i % 2 == 0 else reversed(keys):
+            times[k].append(once(variants[k]))
+    return times
+
+
+def paired(times: dict[str, list[tuple[float, float]]], a: str, b: str) -> tuple[float, float]:
+    """Median over rounds of a/b: (CPU, wall)."""
+    cpu = statistics.median(x[0] / y[0] for x, y in zip(times[a], times[b], strict=True))
+    wall = statistics.median(x[1] / y[1] for x, y in zip(times[a], times[b], strict=True))
+    return cpu, wall
+
+
+def med_ms(times: dict[str, list[tuple[float, float]]], k: str) -> str:
+    return f"{statistics.median(t[0] for t in times[k]) * 1e3:.0f} / {statistics.median(t[1] for t in times[k]) * 1e3:.0f}"
+
+
+def kernel_bench(rounds: int, ks: list[int]) -> None:
+    """One 512 -> 512 site, r=16, 64 rows x 8 tokens: gathered vs per-adapter loop."""
+    from deltahub.compose.slots import SlotBank, gathered_delta
+
+    d, r, rows, t = 512, 16, 64, 8
+    g = torch.Generator().manual_seed(0)
+    n = max(ks)
+    bank = SlotBank(d, d, torch.float32, torch.device("cpu"))
+    bank.ensure(n, n, r)
+    bank.At[1:] = torch.randn(n, d, r, generator=g) * 0.02
+    bank.Bt[1:] = torch.randn(n, r, d, generator=g) * 0.02
+    x = torch.randn(rows, t, d, generator=g)
+    print("\n0. one site (512 -> 512, r 16, 64 rows x 8 tokens): CPU ms per call, gathered / loop")
+    reps = 20
+    print("| K | gathered (bmm) | per-adapter loop (index_select, 2 matmuls, index_add_) | gathered / loop |")
+    print("|---|---|---|---|")
+    for k in ks:
+        slots = torch.arange(rows) % k + 1
+        groups = [(s, (slots == s).nonzero().flatten()) for s in range(1, k + 1)]
+
+        def gathered(slots=slots):
+            y = torch.zeros(rows, t, d)
+            y.add_(gathered_delta(x, slots, bank))
+
+        def loop(groups=groups):
+            y = torch.zeros(rows, t, d)
+            for s, idx in groups:
+                h = x.index_select(0, idx) @ bank.At[s]
+                y.index_add_(0, idx, h @ bank.Bt[s])
+
+        def rep(f):
+            return lambda: [f() for _ in range(reps)]
+
+        tt = interleaved({"g": rep(gathered), "l": rep(loop)}, rounds)
+        cpu, _ = paired(tt, "g", "l")
+        gm = statistics.median(v[0] for v in tt["g"]) / reps * 1e3
+        lm = statistics.median(v[0] for v in tt["l"]) / reps * 1e3
+        print(f"| {k} | {gm:.3f} | {lm:.3f} | {cpu:.2f}x |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=8, help="tokens per row in the routing batch")
+    ap.add_argument("--ks", default="1,8,32,64")
+    ap.add_argument("--kernel-only", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    home = tempfile.mkdtemp()
-    os.environ["DELTAHUB_HOME"] = home
+    os.environ.setdefault("DELTAHUB_HOME", tempfile.mkdtemp())
+    ks = [int(k) for k in args.ks.split(",")]
+    print(f"load average before: {os.getloadavg()}")
+    print(f"threads: {torch.get_num_threads()}  torch {torch.__version__}  rounds {args.rounds}")
+    kernel_bench(args.rounds, ks)
+    if args.kernel_only:
+        return
 
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from deltahub import AdaptedModel, Registry, load_base
+    from deltahub import AdaptedModel, load_base
 
     cfg = LlamaConfig(
         hidden_size=512,
@@ -68,143 +147,82 @@ def main() -> None:
         max_position_embeddings=256,
     )
     base = LlamaForCausalLM(cfg).eval()
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    n_adapters = 8
-    dirs = []
-    registry = Registry(home)
-    scratch = Path(tempfile.mkdtemp())
-    for i in range(n_adapters):
-        pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=16, lora_alpha=32, target_modules=targets))
-        g = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for n, p in pm.named_parameters():
-                if "lora_" in n:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-        d = scratch / f"a{i}"
-        pm.save_pretrained(str(d))
-        registry.publish(d, f"a{i}")
-        dirs.append(d)
-        del pm
-    x = torch.randint(0, VOCAB, (8, 128), generator=torch.Generator().manual_seed(0))
-    results: dict[str, float] = {}
-
-    # ---- 1. load + activate by name
-    ours_base = load_base(copy.deepcopy(base), device="cpu")
-
-    def ours_load():
-        m = AdaptedModel(ours_base, registry=registry)
-        m.activate(m.load("a0"))
-        m.deactivate()
-
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(dirs[0]), adapter_name="a0").eval()
-    counter = [0]
-
-    def peft_load():
-        counter[0] += 1
-        name = f"x{counter[0]}"
-        peft_model.load_adapter(str(dirs[1]), adapter_name=name)
-        peft_model.set_adapter(name)
-        peft_model.set_adapter("a0")
-        peft_model.delete_adapter(name)
-
-    results["load_ours_ms"] = timeit(ours_load, args.repeats * 3) * 1e3
-    results["load_peft_ms"] = timeit(peft_load, args.repeats) * 1e3
-
-    # ---- 2. switching among resident adapters
-    ours = AdaptedModel(ours_base, registry=registry)
-    for i in range(n_adapters):
-        ours.load(f"a{i}")
-        if i:
-            peft_model.load_adapter(str(dirs[i]), adapter_name=f"a{i}")
-    sw = [0]
-
-    def ours_switch():
-        sw[0] += 1
-        ours.activate(f"a{sw[0] % n_adapters}")
-
-    def peft_switch():
-        sw[0] += 1
-        peft_model.set_adapter(f"a{sw[0] % n_adapters}")
-
-    results["switch_ours_us"] = timeit(ours_switch, 200) * 1e6
-    results["switch_peft_us"] = timeit(peft_switch, 200) * 1e6
-
-    # ---- 3 + 4. forwards, interleaved: each round times every variant back to back, so
-    # load from other processes on this shared machine hits them alike; we report the
-    # ratio of the per-variant minimum and the median of the per-round ratios.
+    n_adapters = max(ks)
     names = [f"a{i}" for i in range(n_adapters)]
-    ours.activate("a0")
-    peft_model.set_adapter("a0")
-
-    def once(fn):
-        t = time.perf_counter()
-        with torch.no_grad():
-            fn()
-        return time.perf_counter() - t
-
-    variants = {
-        "base": lambda: ours_base(input_ids=x),
-        "lora_ours": lambda: ours(input_ids=x),
-        "lora_peft": lambda: peft_model(input_ids=x),
-        "rows_ours": lambda: ours(input_ids=x, adapter_names=names),
-        "rows_peft": lambda: peft_model(input_ids=x, adapter_names=names),
-        "rows_peft_one": lambda: peft_model(input_ids=x, adapter_names=["a0"] * 8),
-    }
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for fn in variants.values():
-        once(fn)  # warm-up
-    for _ in range(args.repeats):
-        for k, fn in variants.items():
-            if k == "base":
-                ours.deactivate()
-                times[k].append(once(fn))
-                ours.activate("a0")
-            else:
-                times[k].append(once(fn))
-    for k, v in times.items():
-        results[f"{k}_ms"] = min(v) * 1e3
-
-    def paired(a: str, b: str) -> float:
-        return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
-
-    results["paired_lora_ours"] = paired("lora_ours", "base")
-    results["paired_lora_peft"] = paired("lora_peft", "base")
-    results["paired_rows_ours"] = paired("rows_ours", "lora_ours")
-    results["paired_rows_peft"] = paired("rows_peft", "rows_peft_one")
-
-    # correctness guard: our routed batch equals PEFT's routed batch
+    lcfg = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS)
+    pm = get_peft_model(copy.deepcopy(base), lcfg, adapter_name=names[0])
+    for n in names[1:]:
+        pm.add_adapter(n, lcfg)
+    g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        a = ours(input_ids=x, adapter_names=names).logits
-        b = peft_model(input_ids=x, adapter_names=names).logits
-    results["rows_max_abs_diff_vs_peft"] = float((a - b).abs().max())
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    scratch = Path(tempfile.mkdtemp())
+    pm.save_pretrained(str(scratch))  # the first adapter at the top, the others in subdirectories
+    del pm
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(scratch), adapter_name=names[0]).eval()
+    ours = AdaptedModel(load_base(copy.deepcopy(base), device="cpu"))
+    ours.load_path(scratch, names[0])
+    for n in names[1:]:
+        peft_model.load_adapter(str(scratch / n), adapter_name=n)
+        ours.load_path(scratch / n, n)
+    ours.eval()
+    ours_base = ours.base
 
-    r = results
-    print(
-        f"model: Llama hidden 512, inter 1376, 8 layers, vocab {VOCAB}; LoRA r=16 x 56 modules; batch 8x128; fp32"
+    # ---- 1. unmerged LoRA forward / bare base, batch 8 x 128
+    x = torch.randint(0, VOCAB, (8, 128), generator=torch.Generator().manual_seed(0))
+    ours.activate(names[0])
+    peft_model.set_adapter(names[0])
+
+    def bare():
+        ours.deactivate()
+        try:
+            ours_base(input_ids=x)
+        finally:
+            ours.activate(names[0])
+
+    t1 = interleaved(
+        {"base": bare, "ours": lambda: ours(input_ids=x), "peft": lambda: peft_model(input_ids=x)},
+        args.rounds,
     )
-    print(f"threads: {torch.get_num_threads()}  torch {torch.__version__}  repeats {args.repeats}")
-    print("| measure | deltahub | PEFT | ratio (min times) | ratio (median paired) | goal |")
-    print("|---|---|---|---|---|---|")
+    ours.deactivate()
     print(
-        f"| load + activate by name vs load_adapter + set_adapter | {r['load_ours_ms']:.2f} ms | "
-        f"{r['load_peft_ms']:.2f} ms | {r['load_ours_ms'] / r['load_peft_ms']:.3f}x | | <= 0.2x |"
+        f"\n1. unmerged LoRA forward / bare base, batch 8 x 128; median ms CPU / wall: base {med_ms(t1, 'base')}"
     )
+    print("| | CPU ms / wall ms | / base, CPU (paired median) | / base, wall (paired median) |")
+    print("|---|---|---|---|")
+    for k, label in (("ours", "deltahub"), ("peft", "PEFT")):
+        cpu, wall = paired(t1, k, "base")
+        print(f"| {label} | {med_ms(t1, k)} | {cpu:.3f}x | {wall:.3f}x |")
+
+    # ---- 2. per-row routing, 64 rows
+    xr = torch.randint(0, VOCAB, (64, args.seq), generator=torch.Generator().manual_seed(1))
+    variants: dict[str, Callable[[], object]] = {}
+    for k in ks:
+        rows = [names[i % k] for i in range(64)]
+        variants[f"ours{k}"] = lambda rows=rows: ours(input_ids=xr, adapter_names=rows)
+        variants[f"peft{k}"] = lambda rows=rows: peft_model(input_ids=xr, adapter_names=rows)
+    t2 = interleaved(variants, args.rounds)
+    print(f"\n2. per-row routing, 64 rows x {args.seq} tokens, K distinct adapters / one adapter (K=1)")
     print(
-        f"| switch active adapter vs set_adapter | {r['switch_ours_us']:.1f} us | {r['switch_peft_us']:.1f} us | "
-        f"{r['switch_ours_us'] / r['switch_peft_us']:.4f}x | | <= 0.2x |"
+        "| K | deltahub CPU / wall ms | deltahub / K=1, CPU (wall) | PEFT CPU / wall ms | PEFT / K=1, CPU (wall) |"
     )
-    print(
-        f"| unmerged LoRA forward / bare base ({r['base_ms']:.0f} ms) | {r['lora_ours_ms']:.0f} ms | "
-        f"{r['lora_peft_ms']:.0f} ms | ours {r['lora_ours_ms'] / r['base_ms']:.3f}x, PEFT "
-        f"{r['lora_peft_ms'] / r['base_ms']:.3f}x | ours {r['paired_lora_ours']:.3f}x, PEFT "
-        f"{r['paired_lora_peft']:.3f}x | <= 1.07x |"
-    )
-    print(
-        f"| per-row 8 adapters / one adapter | {r['rows_ours_ms']:.0f} ms | {r['rows_peft_ms']:.0f} ms | "
-        f"ours {r['rows_ours_ms'] / r['lora_ours_ms']:.3f}x, PEFT {r['rows_peft_ms'] / r['rows_peft_one_ms']:.3f}x | "
-        f"ours {r['paired_rows_ours']:.3f}x, PEFT {r['paired_rows_peft']:.3f}x | <= 1.10x |"
-    )
-    print(f"routed logits max |ours - PEFT| = {r['rows_max_abs_diff_vs_peft']:.2e}")
+    print("|---|---|---|---|---|")
+    for k in ks:
+        oc, ow = paired(t2, f"ours{k}", f"ours{ks[0]}")
+        pc, pw = paired(t2, f"peft{k}", f"peft{ks[0]}")
+        print(
+            f"| {k} | {med_ms(t2, f'ours{k}')} | {oc:.3f}x ({ow:.3f}x) | {med_ms(t2, f'peft{k}')} | {pc:.3f}x ({pw:.3f}x) |"
+        )
+    dc, dw = paired(t2, f"ours{ks[-1]}", f"peft{ks[-1]}")
+    print(f"deltahub / PEFT at K={ks[-1]}: CPU {dc:.3f}x, wall {dw:.3f}x")
+    with torch.no_grad():
+        rows = [names[i % ks[-1]] for i in range(64)]
+        a = ours(input_ids=xr, adapter_names=rows).logits
+        b = peft_model(input_ids=xr, adapter_names=rows).logits
+    print(f"routed logits max |deltahub - PEFT| = {float((a - b).abs().max()):.2e}")
+    print(f"load average after: {os.getloadavg()}")
 
 
 if __name__ == "__main__":

@@ -11,11 +11,27 @@ import pytest
 import torch
 
 from deltahub import AdaptedModel, load_base
+from deltahub.compose import routing, slots
 from deltahub.compose.slots import SlotBank, SlotTable, gathered_delta, looped_delta
 from deltahub.methods.lora.layer import LoraLayer
 from tests.compose_helpers import ids, out_of, randomize, tiny
 
 TOL = 1e-5
+
+
+@pytest.fixture
+def gathers(monkeypatch):
+    """Force the gathered path at every site (a tiny model is below its CPU cost rule)
+    and count its calls."""
+    monkeypatch.setattr(slots, "CPU_ELEMENTS_PER_ADAPTER", 10**12)
+    calls = []
+
+    def counted(x, rows, bank):
+        calls.append(x.shape[0])
+        return gathered_delta(x, rows, bank)
+
+    monkeypatch.setattr(routing, "gathered_delta", counted)
+    return calls
 
 
 def _lora(r: int, targets: list[str], **kw) -> dict:
@@ -95,7 +111,7 @@ MIXED = {
 }
 
 
-def test_mixed_batch_equals_loop_and_each_row_alone(monkeypatch):
+def test_mixed_batch_equals_loop_and_each_row_alone(monkeypatch, gathers):
     model = _model(MIXED)
     names = ["r2", None, "r8", "dora", "rs", "r2", "ia3", "bn", None, "r8"]
     x = ids(batch=len(names), length=6)
@@ -106,12 +122,13 @@ def test_mixed_batch_equals_loop_and_each_row_alone(monkeypatch):
     table = model._slot_table
     assert table is not None and set(table.lru) == {"r2", "r8", "rs"}  # only plain LoRAs gather
     assert any(b.r_max == 8 for b in table.banks.values())
+    assert len(gathers) >= 4  # q, v, o, down of 2 layers gather (k: ia3 only)
     assert (routed - looped).abs().max().item() <= TOL
     assert (routed - alone).abs().max().item() <= TOL
     assert (routed[0] - routed[1]).abs().max().item() > 1e-3  # the adapters do change rows
 
 
-def test_rows_unchanged_when_an_adapter_changes_after_paging_in():
+def test_rows_unchanged_when_an_adapter_changes_after_paging_in(gathers):
     model = _model({"a": _lora(4, ["q_proj"]), "b": _lora(2, ["q_proj", "v_proj"])})
     x = ids(batch=2)
     with torch.no_grad():
@@ -128,7 +145,7 @@ def test_rows_unchanged_when_an_adapter_changes_after_paging_in():
     assert (again - alone2).abs().max().item() <= TOL
 
 
-def test_more_resident_adapters_than_slots_page_in_on_demand(monkeypatch):
+def test_more_resident_adapters_than_slots_page_in_on_demand(monkeypatch, gathers):
     configs = {f"a{i}": _lora(1 + i % 5, ["q_proj", "v_proj", "down_proj"]) for i in range(9)}
     model = _model(configs)
     model.routing_slots = 3
@@ -162,7 +179,7 @@ def test_under_autograd_trainable_adapters_take_the_per_adapter_path():
 
 
 @pytest.mark.parametrize("beams", [1, 3])
-def test_generation_with_beams_equals_each_row_alone(beams):
+def test_generation_with_beams_equals_each_row_alone(beams, gathers):
     model = _model({"a": _lora(4, ["q_proj", "v_proj"]), "b": _lora(8, ["q_proj", "down_proj"])})
     names = ["a", "b", None]
     x = ids(batch=3, length=5)
@@ -178,6 +195,20 @@ def test_generation_with_beams_equals_each_row_alone(beams):
             assert torch.equal(routed[i : i + 1], alone)
     model.deactivate()
     assert model._slot_table is not None and model._slot_table.page_ins == 2
+    assert 3 * beams in gathers  # the prompt pass, rows repeated per beam
+
+
+def test_the_cost_rule_loops_over_few_adapters_on_cpu_and_results_agree(monkeypatch):
+    model = _model({"a": _lora(4, ["q_proj"]), "b": _lora(2, ["q_proj"])})
+    bank = SlotBank(512, 512, torch.float32, torch.device("cpu"))
+    bank.ensure(2, 2, 16)  # bench/compose_bench.py's site
+    assert not slots.gathered_pays(64, 2, bank)  # 2 adapters over 64 rows: the loop is cheaper
+    assert slots.gathered_pays(64, 64, bank)
+    assert not slots.gathered_pays(64, 1, bank)
+    x = ids(batch=4)
+    with torch.no_grad():
+        routed = out_of(model(input_ids=x, adapter_names=["a", "b", "b", None]))
+        assert (routed - _alone(model, x, ["a", "b", "b", None])).abs().max().item() <= TOL
 
 
 def test_a_copy_of_the_base_is_not_needed():

@@ -323,12 +323,11 @@ class AdaptedModel(nn.Module):
             slots = self._assign_slots(route, adapters, paths)
             for path in paths:
                 site = self._sites[path]
-                fns: list[DeltaFn | None] = []
                 deltas = [a.delta_at(path) for a in adapters]
                 bank, gathered = self._slot_bank(path, route, deltas, slots)
-                for n, d in zip(route.keys, deltas, strict=True):
-                    fns.append(None if d is None or n in gathered else d.delta)
-                site.set(routed_forward(site.base_forward, fns, route, bank))
+                fns = [None if d is None else d.delta for d in deltas]
+                marks = [n in gathered for n in route.keys]
+                site.set(routed_forward(site.base_forward, fns, route, bank, marks))
             yield route
         finally:
             for path, fn in saved.items():

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from deltahub.compose.blocks import DeltaFn
-from deltahub.compose.slots import SlotBank, gathered_delta
+from deltahub.compose.slots import SlotBank, gathered_delta, gathered_pays
 from deltahub.errors import InvalidConfig
 
 Rows = slice | Tensor
@@ -92,24 +92,30 @@ def routed_forward(
     fns: list[DeltaFn | None],
     route: Route,
     bank: SlotBank | None = None,
+    gathered: list[bool] | None = None,
 ) -> Callable[..., Tensor]:
-    """A site forward that adds each adapter's delta to its own rows: the gathered
-    adapters' in one computation over `bank` (rows by `route.slot_rows`), the others
-    (`fns[i]` not None) one by one."""
+    """A site forward that adds each adapter's delta to its own rows: the adapters
+    `gathered` marks in one computation over `bank` (rows by `route.slot_rows`) when
+    that pays (`slots.gathered_pays`), the others (`fns[i]` not None) one by one."""
+    marks = gathered or [False] * len(fns)
+    n_gathered = sum(marks)
+    rest = [None if m else fn for fn, m in zip(fns, marks, strict=True)]
 
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         y = base_forward(x, *args, **kwargs)
-        if bank is not None:
+        todo = fns
+        if bank is not None and gathered_pays(x.shape[0], n_gathered, bank):
+            todo = rest
             d = gathered_delta(x, route.slot_rows(x.shape[0], x.device), bank)
             if y.requires_grad or d.requires_grad or y.dtype != d.dtype or not y.is_contiguous():
                 y = y + d.to(y.dtype)
             else:
                 y.add_(d)
-        if all(fn is None for fn in fns):
+        if all(fn is None for fn in todo):
             return y
         groups = route.groups(x.shape[0], x.device)
         for i, rows in groups:
-            fn = fns[i]
+            fn = todo[i]
             if fn is None:
                 continue
             if isinstance(rows, slice):

@@ -6,6 +6,9 @@ Punica / S-LoRA's BGMV layout (and vLLM's punica wrapper): at each adapted modul
     A[slot, r_max, d_in]        lora_A, zero-padded to the largest rank seen
     B[slot, d_out, r_max]       s * lora_B (the scaling folded in), zero-padded
 
+(stored transposed, `At[slot, d_in, r_max]` and `Bt[slot, r_max, d_out]`, so that the
+batched matmuls read them contiguously),
+
 and a batch carries one slot index per row. Slot 0 is all zeros (rows with no adapter,
 or whose adapter is not gathered at this site), so every row goes through the same
 two batched matmuls and the zero rows add exactly 0.
@@ -49,6 +52,12 @@ import torch
 from torch import Tensor
 
 DEFAULT_SLOTS = 64
+# On a CPU the gather copies each row's factors (rows * r_max * (d_in + d_out) elements)
+# while the per-adapter loop pays a fixed cost per adapter (4 small ops, ~15-20 us): the
+# gather pays from about one adapter per this many gathered elements (bench/compose_bench.py
+# section 0: 64 rows, 512 -> 512, r 16 crosses over near K = 28). On CUDA every op is a
+# kernel launch, so gathering pays from two adapters on.
+CPU_ELEMENTS_PER_ADAPTER = 36_000
 
 
 def gatherable(delta: Any) -> bool:
@@ -69,19 +78,20 @@ def _signature(layer: Any) -> tuple[Any, ...]:
 
 
 class SlotBank:
-    """The stacked factors of one site: `A[1 + n, r_max, d_in]`, `B[1 + n, d_out, r_max]`
-    (slot 0 all zeros), plus what each slot holds (a signature of the layer copied in)."""
+    """The stacked factors of one site, `At[1 + n, d_in, r_max]` (A transposed) and
+    `Bt[1 + n, r_max, d_out]` (s B transposed), slot 0 all zeros, plus what each slot
+    holds (a signature of the layer copied in)."""
 
     def __init__(self, d_in: int, d_out: int, dtype: torch.dtype, device: torch.device) -> None:
         self.d_in, self.d_out, self.dtype, self.device = d_in, d_out, dtype, device
         self.r_max = 0
-        self.A = torch.zeros(1, 0, d_in, dtype=dtype, device=device)
-        self.B = torch.zeros(1, d_out, 0, dtype=dtype, device=device)
+        self.At = torch.zeros(1, d_in, 0, dtype=dtype, device=device)
+        self.Bt = torch.zeros(1, 0, d_out, dtype=dtype, device=device)
         self.held: list[tuple[Any, ...] | None] = [None]
 
     @property
     def n_slots(self) -> int:
-        return self.A.shape[0] - 1
+        return self.At.shape[0] - 1
 
     def fits(self, layer: Any) -> bool:
         A = layer.lora_A
@@ -92,11 +102,11 @@ class SlotBank:
         r = max(self.r_max, r)
         if n == self.n_slots and r == self.r_max:
             return
-        A = torch.zeros(1 + n, r, self.d_in, dtype=self.dtype, device=self.device)
-        B = torch.zeros(1 + n, self.d_out, r, dtype=self.dtype, device=self.device)
-        A[: self.A.shape[0], : self.r_max] = self.A
-        B[: self.B.shape[0], :, : self.r_max] = self.B
-        self.A, self.B, self.r_max = A, B, r
+        At = torch.zeros(1 + n, self.d_in, r, dtype=self.dtype, device=self.device)
+        Bt = torch.zeros(1 + n, r, self.d_out, dtype=self.dtype, device=self.device)
+        At[: self.At.shape[0], :, : self.r_max] = self.At
+        Bt[: self.Bt.shape[0], : self.r_max] = self.Bt
+        self.At, self.Bt, self.r_max = At, Bt, r
         self.held += [None] * (1 + n - len(self.held))
 
     def ensure(self, slot: int, capacity: int, r: int = 0) -> None:
@@ -115,19 +125,28 @@ class SlotBank:
         self.ensure(slot, capacity, layer.lora_A.shape[0])
         r = layer.lora_A.shape[0]
         with torch.no_grad():
-            self.A[slot].zero_()
-            self.A[slot, :r].copy_(layer.lora_A)
-            self.B[slot].zero_()
-            self.B[slot, :, :r].copy_(layer.lora_B)
-            self.B[slot, :, :r].mul_(layer.scaling)
+            self.At[slot].zero_()
+            self.At[slot, :, :r].copy_(layer.lora_A.T)
+            self.Bt[slot].zero_()
+            self.Bt[slot, :r].copy_(layer.lora_B.T)
+            self.Bt[slot, :r].mul_(layer.scaling)
         self.held[slot] = sig
 
     def clear(self, slot: int) -> None:
         """Make `slot` add nothing at this site."""
         if slot < len(self.held) and self.held[slot] is not None:
-            self.A[slot].zero_()
-            self.B[slot].zero_()
+            self.At[slot].zero_()
+            self.Bt[slot].zero_()
             self.held[slot] = None
+
+
+def gathered_pays(n_rows: int, k: int, bank: SlotBank) -> bool:
+    """Whether `k` gathered adapters over `n_rows` rows beat the per-adapter loop here."""
+    if k < 2:
+        return False
+    if bank.device.type != "cpu":
+        return True
+    return k * CPU_ELEMENTS_PER_ADAPTER >= n_rows * bank.r_max * (bank.d_in + bank.d_out)
 
 
 def gathered_delta(x: Tensor, slots: Tensor, bank: SlotBank) -> Tensor:
@@ -140,10 +159,8 @@ def gathered_delta(x: Tensor, slots: Tensor, bank: SlotBank) -> Tensor:
     x3 = x.reshape(n, -1, x.shape[-1])
     if x3.dtype != bank.dtype:
         x3 = x3.to(bank.dtype)
-    A = bank.A.index_select(0, slots)  # (n, r, d_in)
-    B = bank.B.index_select(0, slots)  # (n, d_out, r)
-    h = torch.bmm(x3, A.transpose(1, 2))  # (n, t, r)
-    out = torch.bmm(h, B.transpose(1, 2))  # (n, t, d_out)
+    h = torch.bmm(x3, bank.At.index_select(0, slots))  # (n, t, r): x A^T per row
+    out = torch.bmm(h, bank.Bt.index_select(0, slots))  # (n, t, d_out): h (s B)^T per row
     return out.reshape(*x.shape[:-1], bank.d_out)
 
 
@@ -152,7 +169,7 @@ def looped_delta(x: Tensor, slots: Tensor, bank: SlotBank) -> Tensor:
     out = torch.zeros(*x.shape[:-1], bank.d_out, dtype=bank.dtype, device=x.device)
     for i in range(x.shape[0]):
         s = int(slots[i])
-        out[i] = (x[i].to(bank.dtype) @ bank.A[s].T) @ bank.B[s].T
+        out[i] = (x[i].to(bank.dtype) @ bank.At[s]) @ bank.Bt[s]
     return out
 
 
