@@ -100,6 +100,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         screens.mkdir()
         print(f"\nscreenshots: {screens}")
         yield {
+            "home": home,
             "url": url,
             "registry": reg,
             "fused": fused,
@@ -329,3 +330,23 @@ def test_user_text_holding_script_is_shown_as_text(site: dict[str, Any], tab: Ta
     tab.shot("xss")
     assert tab.dialogs == []
     assert not [m for m in tab.console if "xss" in m or "pwned" in m]
+
+
+def _session_cookies(tab: Tab) -> list[dict[str, Any]]:
+    return [c for c in tab.context.cookies() if c["name"] == "deltahub_token"]
+
+
+def test_sign_out_and_revocation_end_the_session(site: dict[str, Any], tab: Tab) -> None:
+    tab.login(site["tokens"]["read"])
+    tab.page.click("header button[type=submit]")  # sign out
+    tab.page.wait_for_url("**/ui/login")
+    assert _session_cookies(tab) == [] and tab.go("/ui/").status == 401
+
+    store = TokenStore(site["home"])
+    token, info = store.create("read")
+    tab.login(token)
+    assert tab.go("/ui/a/team/alpha").status == 200
+    store.revoke(info.id)  # takes effect at once, as on the API
+    store.close()
+    assert tab.go("/ui/a/team/alpha").status == 401
+    assert _session_cookies(tab) == []  # the dead token is not kept

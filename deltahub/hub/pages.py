@@ -138,7 +138,10 @@ def _page(fn: Callable[[Request], Response]) -> Callable[[Request], Any]:
             page = ("error.html", 400, {"title": "Cannot show that", "message": _scrub(request, e)})
         template, status, context = page
         # in a worker thread too: the header line looks the token up
-        return await run_in_threadpool(lambda: _render(request, template, status, **context))
+        response = await run_in_threadpool(lambda: _render(request, template, status, **context))
+        if status == 401 and COOKIE in request.cookies:  # revoked or expired: forget it
+            response.delete_cookie(COOKIE, path="/ui", httponly=True, samesite="strict")
+        return response
 
     return handler
 
