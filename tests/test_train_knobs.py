@@ -239,3 +239,24 @@ def test_a_datasets_dataset_trains_in_the_python_api(setup: tuple[Path, Path]) -
         publish=False, target_modules=["query"],
     )  # fmt: skip
     assert af.load_dir(r.path).manifest.extra["data"]["train"]["examples"] == 32  # type: ignore[arg-type]
+
+
+def test_lora_dropout_applies_only_while_training(setup: tuple[Path, Path]) -> None:
+    from deltahub.compose.base import load_base
+    from deltahub.compose.model import AdaptedModel
+
+    bert, _ = setup
+    model = AdaptedModel(load_base(bert, device="cpu"))
+    model.add_adapter("d", {"method": "lora", "r": 4, "target_modules": ["query"], "lora_dropout": 0.5})
+    with torch.no_grad():
+        for p in model.get_adapter("d").parameters():
+            p.normal_()
+    model.activate("d")
+    ids = torch.tensor([fh.tokenizer()("the red cat")["input_ids"]])
+    model.train()
+    a, b = model(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state
+    assert not torch.equal(a, b)  # dropout on the LoRA input
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)
+    model.eval()
+    assert torch.equal(model(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)

@@ -63,6 +63,8 @@ def _stored_in_out(module: nn.Module) -> bool:
 class LoraLayer(SiteDelta):
     """LoRA (optionally DoRA) on one Linear / Conv1D of the base."""
 
+    dropout = 0.0  # PEFT's lora_dropout, on the LoRA branch's input (set from the config)
+
     def __init__(
         self, base_layer: nn.Module, r: int, scaling: float, use_dora: bool, dtype: torch.dtype
     ) -> None:
@@ -106,11 +108,17 @@ class LoraLayer(SiteDelta):
             self._norm_key = key
         return self._norm
 
+    def dropped(self, x: Tensor) -> Tensor:
+        """x with dropout, only while this adapter trains (never at inference, never frozen)."""
+        if self.dropout and self.training and self.lora_A.requires_grad and torch.is_grad_enabled():
+            return F.dropout(x, self.dropout)
+        return x
+
     def delta(self, x: Tensor, y_base: Tensor, y_cur: Tensor, scale: float, rows: Any = None) -> Tensor:
         A = self.lora_A
         if x.dtype != A.dtype:
             x = x.to(A.dtype)
-        h = F.linear(x, A) * (self.scaling * scale)  # (..., r)
+        h = F.linear(self.dropped(x), A) * (self.scaling * scale)  # (..., r)
         lora = F.linear(h, self.lora_B)  # (..., d_out)
         if self.lora_B_bias is not None:  # (B A x + b) s, as PEFT's lora_B(lora_A(x)) * scaling
             lora = lora + self.lora_B_bias * (self.scaling * scale)
@@ -132,7 +140,7 @@ class LoraLayer(SiteDelta):
             A = layer.lora_A
             if x.dtype != A.dtype:
                 x = x.to(A.dtype)
-            h = F.linear(x, A)  # (..., r)
+            h = F.linear(layer.dropped(x), A)  # (..., r)
             h.mul_(layer.scaling)
             B = layer.lora_B
             if y.requires_grad or h.requires_grad or not y.is_contiguous() or y.dtype != B.dtype:

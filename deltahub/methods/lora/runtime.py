@@ -127,6 +127,7 @@ class LoraAdapter(AdapterModule):
                 sites[name] = LoraEmbedding(base, name, A, B, scaling)
             else:
                 layer = LoraLayer(module, r, scaling, bool(full.get("use_dora")), cls._dtype(module))
+                layer.dropout = float(full.get("lora_dropout") or 0.0)
                 if full.get("lora_bias"):
                     if module.bias is None:
                         raise InvalidConfig(f"lora_bias needs a base bias; module {name!r} has none")
