@@ -38,7 +38,7 @@ import numpy as np
 
 from deltahub import artifact as af
 from deltahub.errors import AlreadyExists, Unsupported
-from deltahub.interop.adapterhub import _BN_PARTS, _BN_SITES, MODEL_TYPES
+from deltahub.interop.adapterhub_methods import _BN_PARTS, _BN_SITES, MODEL_TYPES
 from deltahub.interop.rawtensors import Raw, read, write
 
 VERSION = "adapters.1.3.0"

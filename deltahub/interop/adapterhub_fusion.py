@@ -35,6 +35,7 @@ import numpy as np
 from deltahub.errors import InvalidArtifact
 from deltahub.fileformat import read_json_file
 from deltahub.interop import adapterhub as ah
+from deltahub.interop import adapterhub_methods as am
 from deltahub.interop.rawtensors import Raw, read, write
 from deltahub.settings import MAX_CONFIG_BYTES
 
@@ -44,7 +45,7 @@ FUSION_FIELDS = {
     "value_before_softmax", "value_initialized", "dropout_prob",
 }  # fmt: skip
 _FUSION_KEY = re.compile(
-    rf"^{ah._PREFIX}{ah._LAYER}\.(?P<loc>attention\.output|output|attention_adapters|output_adapters)"
+    rf"^{am._PREFIX}{am._LAYER}\.(?P<loc>attention\.output|output|attention_adapters|output_adapters)"
     r"\.adapter_fusion_layer\.(?P<name>[^/]+)\.(?P<part>query|key|value)\.(?P<kind>weight|bias)$"
 )
 
@@ -99,7 +100,7 @@ def convert_fusion(path: Path, names: list[str], constituent_cfgs: list[dict[str
     if not (path / ah.FUSION_WEIGHTS).exists():
         raise InvalidArtifact("missing-file", f"{path} has no {ah.FUSION_WEIGHTS}")
     raw = read(path / ah.FUSION_WEIGHTS, commas=True)
-    sites = ah._BN_SITES[family]
+    sites = am._BN_SITES[family]
     per_site: dict[str, dict[str, Raw]] = {}
     fusion_name = ",".join(names)
     for key, t in raw.items():
