@@ -302,7 +302,7 @@ def _plots(report: Any, registry: Any, fusion_ref: str, home: Path) -> dict[str,
 
 def _see_it(home: Path, fusion_ref: str, plots: dict[str, Path]) -> str:
     """Where to look: the fusion's web page and the two plots (or how to get them)."""
-    from deltahub.hub.pages import page_url
+    from deltahub.hub.webpage import page_url
 
     name, _, version = fusion_ref.partition("@")
     lines = [
