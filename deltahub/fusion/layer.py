@@ -306,8 +306,9 @@ class FusionLayer(SiteDelta):
 
     @staticmethod
     def _cached(cache: dict[str, Any] | None, key: Any, make: Callable[[], Any]) -> Any:
-        # Without autograd the folded matrices depend only on unchanged tensors: reuse them.
-        if cache is None or key is None or torch.is_grad_enabled():
+        # The folded matrices depend only on unchanged tensors: reuse them unless a gradient
+        # must flow through them (the caller passes key None while Q, K, V or an adapter train).
+        if cache is None or key is None:
             if cache is not None:
                 cache.clear()
             return make()
@@ -380,8 +381,12 @@ class FusionLayer(SiteDelta):
                     "fuse per module (scope='module', `deltahub fuse --scope module`)"
                 )
             a = None if fast else [p.a(x, y_base, y_cur, rows) for p in parts]
-            key = tuple((id(t), t._version) for t in [*key_tensors, *self.parameters()])
-            out, s = self.folded(h, parts, a, key, cache)
+            key = _cache_key(key_tensors, self)
+            if key is None and _direct_pays(h, a, parts, self.d):
+                a = a if a is not None else [p.a(x, y_base, y_cur, rows) for p in parts]
+                out, s = self.direct(h, [_z_of(p, a_n, h.dtype) for p, a_n in zip(parts, a, strict=True)])
+            else:
+                out, s = self.folded(h, parts, a, key, cache)
             if sink.record:
                 sink.last_attention, sink.last_names = s.detach(), names
             return out * scale if scale != 1.0 else out
@@ -402,7 +407,7 @@ class FusionLayer(SiteDelta):
 
         def delta(x: Tensor, y_base: Tensor, y_cur: Tensor, scale: float, rows: Any) -> Tensor:
             a = [p.a(x, y_base, y_cur, rows) for p in parts]
-            key = tuple((id(t), t._version) for t in [*key_tensors, *self.parameters()])
+            key = _cache_key(key_tensors, self)
             out, s = self.folded_input(x.to(self.fusion_query.weight.dtype), parts, a, key, cache)
             if sink.record:
                 sink.last_attention, sink.last_names = s.detach(), names
@@ -416,6 +421,40 @@ class FusionLayer(SiteDelta):
 
     def delta(self, x: Tensor, y_base: Tensor, y_cur: Tensor, scale: float, rows: Any = None) -> Tensor:
         raise Unsupported("a fusion runs over its adapters: activate Fuse(*adapters, name=<fusion>)")
+
+
+def _cache_key(tensors: list[Tensor], layer: FusionLayer) -> Any:
+    """What the folded matrices depend on; None when a gradient must flow through them
+    (training Q, K, V or an adapter): then they are folded again at every step."""
+    every = [*tensors, *layer.parameters()]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in every):
+        return None
+    return tuple((id(t), t._version) for t in every)
+
+
+def _direct_pays(h: Tensor, a: list[Tensor] | None, parts: list[Part], d: int) -> bool:
+    """Under training, whether the direct formula costs fewer multiply-adds than folding.
+
+    Folding costs 3 d^2 R per step (Q^T K W_n, V W_n; R = sum of the adapters' widths)
+    plus ~2 d (R + N) per token; the direct formula (1 + 2N) d^2 + d R per token. So
+    folding pays from about 3 R / (2N) tokens on (a batch of 16 x 128 tokens folds; a
+    few tokens, e.g. one decoding step, go direct). Backward costs scale alike.
+    """
+    if any(p.affine()[0] is None for p in parts):
+        return False  # opaque adapters: both forms are the same work
+    n = len(parts)
+    R = sum(a_n.shape[-1] for a_n in a) if a is not None else sum(p.down.weight.shape[0] for p in parts)  # type: ignore[union-attr]
+    tokens = h.numel() // max(1, h.shape[-1])
+    folded = 3 * d * d * R + tokens * 2 * d * (R + n)
+    direct = tokens * ((1 + 2 * n) * d * d + d * R)
+    return direct < folded
+
+
+def _z_of(p: Part, a_n: Tensor, dtype: torch.dtype) -> Tensor:
+    """z_n = W_n a_n + c_n (what adapter n writes at the site)."""
+    W, c = p.affine()
+    z = F.linear(a_n.to(dtype), W.to(dtype))  # type: ignore[union-attr]
+    return z if c is None else z + c.to(dtype)
 
 
 class LayerSite(SiteDelta):
