@@ -55,6 +55,7 @@ def test_run_input_file_of_text_lines_predicts_each_line(trained, tmp_path: Path
     assert result.exit_code == 0, result.output
     want = _alone(home, base, ["color"], TEXTS)
     assert result.stdout.splitlines() == [f"{w['label']}\t{t}" for w, t in zip(want, TEXTS, strict=True)]
+    assert "Loading weights" not in result.stderr  # no progress bar of transformers' between answers
 
 
 def test_run_reads_jsonl_from_stdin_and_writes_jsonl(trained) -> None:
@@ -179,3 +180,22 @@ def test_sampling_is_seeded_and_the_chat_template_is_applied(tmp_path: Path) -> 
     assert plain["output_ids"] == out[0, ids.shape[1] :].tolist()
     bad = CliRunner().invoke(cli, [*run, "--top-p", "0.5"])
     assert bad.exit_code == 2 and "--temperature" in bad.output
+
+
+def test_run_quantize_nf4_loads_a_4bit_base(tmp_path: Path) -> None:
+    from transformers import LlamaForCausalLM
+
+    from deltahub.compose.quant import is_quantized
+    from tests.compose_helpers import peft_dir
+
+    base = _llama(tmp_path, template=False)
+    adapter, _ = peft_dir(tmp_path / "lora", LlamaForCausalLM.from_pretrained(str(base)), ["q_proj"], seed=1)
+    registry = Registry()
+    registry.publish(adapter, "talker")
+    args = ["run", "--base", str(base), "talker", "--input", "red cat", "--max-new-tokens", "4", "--json"]
+    result = CliRunner().invoke(cli, [*args, "--quantize", "nf4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    loaded = load(str(base), ["talker"], registry=registry, quantize="nf4", device="cpu")
+    assert is_quantized(loaded.model.base)
+    want = predict(loaded.model, loaded.tokenizer, ["red cat"], max_new_tokens=4)[0]
+    assert json.loads(result.stdout)["output_ids"] == want["output_ids"]

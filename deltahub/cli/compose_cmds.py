@@ -91,7 +91,11 @@ def load_model(
     force: bool,
 ) -> Any:
     mode, weights = composition_mode(len(refs), sum_w, avg_w, stack)
+    from transformers.utils import logging as hf_logging
+
     from deltahub.training.inference import load
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per call would bury the answers
 
     return load(
         base_path, list(refs), mode=mode, weights=weights, force=force, device=device, quantize=quantize
