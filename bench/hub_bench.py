@@ -273,6 +273,13 @@ def team_main(args: argparse.Namespace) -> None:
             f"{mb / r['pull_s']:.1f} | {r['p50']:.1f} ms | {r['p99']:.1f} ms | {r['cpu']:.1f} s | {r['wall']:.1f} s | "
             f"{r['load_push']:.1f} / {r['load']:.1f} |"
         )
+    lines += [
+        "",
+        "Reading it: every S3 row goes through moto, a Python emulation of S3 in one process on the same "
+        "2 cores (its CPU is not in the server CPU column); and a commit on S3 fetches the version's blobs "
+        "back to validate the artifact (the embedded store reads them in place). So the rows compare the "
+        "code paths on one machine, not what PostgreSQL + a real object store would sustain.",
+    ]
     lines += ["", f"Checks: errors {errors}; every pulled version's digest checked by `pull`. "
               f"**{'PASS' if not errors else 'FAIL'}**"]  # fmt: skip
     text = "\n".join(lines) + "\n"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from deltahub import artifact as af
-from deltahub.errors import IntegrityError, InvalidConfig, NotFound
+from deltahub.errors import IntegrityError, NotFound
 
 
 @dataclass
@@ -40,7 +40,7 @@ def open_stores(
 ) -> Stores:
     """The metadata and blob stores these URLs name (none: the embedded ones in `home`)."""
     from deltahub.hub.blobstores import open_blobs
-    from deltahub.hub.meta import EmbeddedMeta, open_meta
+    from deltahub.hub.meta import check_pairing, open_meta
     from deltahub.settings import default_home
 
     if db and db.startswith(("postgresql://", "postgres://")) and not create:
@@ -49,8 +49,7 @@ def open_stores(
         meta: Any = PostgresMeta(db, create=False)
     else:
         meta = open_meta(db, home)
-    if isinstance(meta, EmbeddedMeta) and blobs and blobs.startswith("s3://"):
-        raise InvalidConfig("S3 blobs need the PostgreSQL metadata store (--db postgresql://...)")
+    check_pairing(meta, blobs)
     root = getattr(meta, "home", Path(home) if home is not None else default_home())
     s3 = {"endpoint_url": s3_endpoint_url} if blobs and blobs.startswith("s3://") else {}
     return Stores(meta, open_blobs(blobs, root, meta, **s3))

@@ -6,7 +6,7 @@
     postgresql://...           the team store: every table in one PostgreSQL database,
                                several server processes writing at once -- pgmeta.py
 
-`open_meta(url, home)` picks one. A `MetaStore` is shared by the server's threads and
+`open_meta(url, home)` picks one; the shared protocol and base class live in metastore.py. A `MetaStore` is shared by the server's threads and
 hands each thread its own handle (`handle()`): a SQLite or PostgreSQL connection is not
 for concurrent use. A handle answers what the routes ask:
 
@@ -23,77 +23,26 @@ for concurrent use. A handle answers what the routes ask:
 
 from __future__ import annotations
 
-import contextlib
 import json
-import secrets
-import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from deltahub.errors import InvalidConfig, InvalidRef, NotFound
-from deltahub.registry.refs import Ref, check_name, check_tag, parse_ref
+from deltahub.hub.metastore import (
+    EVENTS,
+    MetaHandle,
+    MetaStore,
+    check_hook,
+    hook_matches,
+    new_secret,
+    redact,
+)
+from deltahub.registry.refs import Ref, check_tag, parse_ref
 from deltahub.registry.version import Version
 
-EVENTS = ("version.published", "tag.moved")
-
-
-class MetaHandle(Protocol):
-    """One thread's view of a metadata store (see the module docstring)."""
-
-    tokens: Any
-
-    def list(self, **filters: str | None) -> list[Version]: ...
-    def search(self, query: str, limit: int | None = 50) -> list[Version]: ...
-    def versions(self, name: str) -> list[Version]: ...
-    def resolve(self, ref: str | Ref) -> Version: ...
-    def commit(
-        self, files: dict[str, str], paths: dict[str, Path], tags: Sequence[str]
-    ) -> tuple[Version, bool]: ...
-    def tag(self, name: str, selector: str, tag: str) -> tuple[Version, str | None]: ...
-    def link(self, namespace: str, digests: Iterable[str]) -> None: ...
-    def namespace_uses(self, namespace: str, digest: str) -> bool: ...
-    def checked_key(self, digest: str) -> tuple[int, int, int, int] | None: ...
-    def record_check(self, digest: str, key: tuple[int, int, int, int]) -> None: ...
-    def hooks(self, event: str | None = None, full_name: str | None = None) -> list[dict[str, Any]]: ...
-    def add_hook(
-        self, url: str, events: Sequence[str], namespace: str | None, secret: str | None = None
-    ) -> dict[str, Any]: ...
-    def remove_hook(self, hook_id: int) -> None: ...
-    def log_delivery(self, row: dict[str, Any]) -> None: ...
-    def deliveries(self, limit: int = 50) -> list[dict[str, Any]]: ...
-    def every_version(self) -> Iterator[Version]: ...
-    def close(self) -> None: ...
-
-
-class MetaStore:
-    """A metadata store shared by threads: `handle()` is this thread's connection."""
-
-    url: str
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-        self._handles: list[MetaHandle] = []
-        self._lock = threading.Lock()
-
-    def _open(self) -> MetaHandle:
-        raise NotImplementedError
-
-    def handle(self) -> MetaHandle:
-        h = getattr(self._local, "handle", None)
-        if h is None or getattr(h, "broken", False):
-            h = self._local.handle = self._open()
-            with self._lock:
-                self._handles.append(h)
-        return h
-
-    def close(self) -> None:
-        with self._lock:
-            for h in self._handles:
-                with contextlib.suppress(Exception):  # closing is best effort
-                    h.close()
-            self._handles.clear()
+__all__ = ["EVENTS", "EmbeddedMeta", "MetaHandle", "MetaStore", "check_pairing", "open_meta", "redact"]
 
 
 def open_meta(url: str | None, home: Path | str | None = None) -> MetaStore:
@@ -116,41 +65,21 @@ def open_meta(url: str | None, home: Path | str | None = None) -> MetaStore:
     )
 
 
-def redact(url: str) -> str:
-    """A database URL without its password, for messages and logs."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        host = parts.hostname or ""
-        netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
-
-
-def check_hook(url: str, events: Sequence[str], namespace: str | None) -> None:
-    from urllib.parse import urlsplit
-
-    if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
-        raise InvalidConfig(f"webhook URL {url!r} must be http(s)://HOST/...")
-    for e in events:
-        if e not in EVENTS:
-            raise InvalidConfig(f"event {e!r} is not one of {', '.join(EVENTS)}")
-    if not events:
-        raise InvalidConfig(f"give at least one --event ({', '.join(EVENTS)})")
-    if namespace is not None:
-        check_name(namespace)
-
-
-def hook_matches(hook: dict[str, Any], event: str | None, full_name: str | None) -> bool:
-    if event is not None and event not in hook["events"]:
-        return False
-    ns = hook.get("namespace")
-    return ns is None or full_name is None or full_name.startswith(ns + "/")
-
-
-def new_secret() -> str:
-    return "whsec_" + secrets.token_urlsafe(32)
+def check_pairing(meta: MetaStore, blobs_url: str | None) -> None:
+    """The embedded registry reads its blobs from its own home: it takes no other blob store."""
+    if not isinstance(meta, EmbeddedMeta) or not blobs_url:
+        return
+    if blobs_url.startswith("s3://"):
+        raise InvalidConfig(
+            "S3 blobs need the PostgreSQL metadata store (--db postgresql://...): the embedded "
+            "registry reads its blobs from its home"
+        )
+    path = Path(blobs_url[len("file://") :] if blobs_url.startswith("file://") else blobs_url)
+    if path.resolve() != meta.home.resolve():
+        raise InvalidConfig(
+            f"the embedded metadata store keeps its blobs in its home ({meta.home}), not {path}: "
+            "drop --blobs, or use --db postgresql://..."
+        )
 
 
 # ----------------------------------------------------------------------------- embedded

@@ -29,7 +29,7 @@ from typing import Any
 
 from deltahub import artifact as af
 from deltahub.errors import AlreadyExists, InvalidArtifact, InvalidConfig, InvalidRef, NotFound
-from deltahub.hub.meta import MetaStore, check_hook, hook_matches, new_secret, redact
+from deltahub.hub.metastore import MetaStore, check_hook, hook_matches, new_secret, redact
 from deltahub.hub.pgschema import DOC, MIGRATIONS, connect, migrate, schema_version
 from deltahub.hub.tokens import TokenStore
 from deltahub.registry.refs import Ref, check_name, check_tag, check_version, parse_ref

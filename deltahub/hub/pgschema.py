@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from deltahub.errors import InvalidConfig
-from deltahub.hub.meta import redact
+from deltahub.hub.metastore import redact
 
 MIGRATION_LOCK = 0x64656C7461  # advisory lock key ("delta")
 DOC = (

@@ -14,7 +14,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from deltahub.errors import AuthError, InvalidConfig
+from deltahub.errors import AuthError
 from deltahub.hub.auth import AuthThrottle, bearer_token, client_of
 from deltahub.hub.responses import Forbidden
 from deltahub.hub.tokens import TokenInfo
@@ -51,15 +51,11 @@ class HubState:
 
     def __post_init__(self) -> None:
         from deltahub.hub.blobstores import open_blobs
-        from deltahub.hub.meta import open_meta
+        from deltahub.hub.meta import check_pairing, open_meta
         from deltahub.hub.webhooks import Dispatcher
 
         self.meta = open_meta(self.db_url, self.home)
-        if self.meta.url.startswith("sqlite:") and self.blobs_url and self.blobs_url.startswith("s3://"):
-            raise InvalidConfig(
-                "S3 blobs need the PostgreSQL metadata store (--db postgresql://...): the embedded "
-                "registry reads its blobs from its home"
-            )
+        check_pairing(self.meta, self.blobs_url)
         home = getattr(self.meta, "home", self.home)
         self.store = open_blobs(self.blobs_url, home, self.meta, **self.s3)
         self.webhooks = Dispatcher(self.meta)
