@@ -94,7 +94,8 @@ def _echo_err(message: str) -> None:
 def _report(result: Any, as_json: bool) -> None:
     v = result.version
     if as_json:
-        out = {"ref": v.ref if v else None, "digest": v.digest if v else None, "metrics": result.metrics}
+        # a version prints as everywhere else (publish, show, list); --no-publish has none
+        out = {**(v.to_dict() if v else {"ref": None, "digest": None}), "metrics": result.metrics}
         print_json({**out, "path": str(result.path)} if result.path is not None else out)
         return
     metrics = ", ".join(f"{k}={val:.4g}" for k, val in sorted(result.metrics.items()))
