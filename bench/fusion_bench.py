@@ -1,38 +1,45 @@
-"""AdapterFusion speed: deltahub vs AdapterHub `adapters`, same model, same batch, same run.
+"""AdapterFusion speed: deltahub vs AdapterHub `adapters`, same model, same batch, ONE process.
 
-bert-base-sized BertModel (random, seeded: nothing downloaded), batch 16 x 128 tokens,
-3 Pfeiffer (sequential bottleneck, reduction 16) adapters with non-zero weights, fused.
-Measured in each library, in separate processes run alternately round by round (adapters
-pins transformers 4.57, so it lives in its own virtual environment):
+Both libraries run in the same process on the same transformers version (AdapterHub's
+pin, 4.57), so neither gets a different transformers or torch build:
 
-- forward: the bare base vs the base with Fuse(a, b, c) active, no grad, eval mode;
-- one training step of the fusion (the adapters frozen): forward, loss, backward, AdamW;
-- the number of fusion parameters.
+    .venv-adapters/bin/pip install -e . --no-deps     # deltahub next to adapters 1.3
+    .venv-adapters/bin/python bench/fusion_bench.py [--ns 2,3,4,8,16] [--rounds 3]
 
-    python -m venv .venv-adapters
-    .venv-adapters/bin/pip install torch==2.13.0 adapters
-    python bench/fusion_bench.py --rounds 2
+bert-base config (768 wide, 12 layers, random seeded weights: nothing downloaded), batch
+`--batch` x `--seq`, N Pfeiffer bottlenecks (AdapterHub's `seq_bn`: reduction 16, after
+the FFN, reading LN(x + h); deltahub's bottleneck follows SeqBnConfig's placement) with
+non-zero weights, frozen, fused (deltahub: per-layer fusion, the default):
 
-Each worker prints one JSON line; the parent prints medians and the ratios.
+- forward: the bare base vs the base with the fusion active, no grad, eval mode;
+- one fusion training step (the adapters and the base frozen): forward, loss, backward,
+  AdamW.
+
+Each library works on its own copy of the same base. For each N every variant is timed
+once per round, rounds interleaved (order reversed every other round); figures are
+medians over rounds of per-round ratios (paired), in CPU time (`time.process_time`)
+and wall time; the load average is printed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import copy
+import os
 import statistics
-import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
-NAMES = ["a", "b", "c"]
+sys.path.insert(0, str(ROOT))
 
 
 def bert(seed: int = 0) -> Any:
-    import torch
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
@@ -40,53 +47,53 @@ def bert(seed: int = 0) -> Any:
 
 
 def randomize(params: list[Any], seed: int) -> None:
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in params:
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
-def timed(fn: Any, repeats: int) -> float:
-    fn()  # warm-up
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
+Variant = tuple[Callable[[], object], Callable[[], object]]  # (prepare, timed call)
 
 
-def setup_deltahub(model: Any) -> tuple[Any, Any, Any, list[Any]]:
-    sys.path.insert(0, str(ROOT))
+def once(variant: Variant) -> tuple[float, float]:
+    """(CPU s, wall s) of the timed call; switching the fusion on or off and the train /
+    eval mode happen in `prepare`, outside the timing (as a server that switches once)."""
+    prepare, fn = variant
+    prepare()
+    c, w = time.process_time(), time.perf_counter()
+    fn()
+    return time.process_time() - c, time.perf_counter() - w
+
+
+def setup_deltahub(model: Any, names: list[str]) -> tuple[Any, Any, Any, list[Any]]:
     from deltahub.compose.blocks import Fuse
     from deltahub.compose.model import AdaptedModel
     from deltahub.fusion.layer import add_fusion
 
     adapted = AdaptedModel(model)
-    for i, n in enumerate(NAMES):
+    for i, n in enumerate(names):
         adapted.add_adapter(n, {"method": "bottleneck", "variant": "pfeiffer", "reduction_factor": 16})
         adapter = adapted.get_adapter(n)
         randomize(list(adapter.parameters()), i)
         adapter.requires_grad_(False)
-    fusion = add_fusion(adapted, "f", NAMES)
+    fusion = add_fusion(adapted, "f", names)
 
     def on() -> None:
-        adapted.activate(Fuse(*NAMES, name="f"))
+        adapted.activate(Fuse(*names, name="f"))
 
     return adapted, on, adapted.deactivate, list(fusion.parameters())
 
 
-def setup_adapters(model: Any) -> tuple[Any, Any, Any, list[Any]]:
+def setup_adapters(model: Any, names: list[str]) -> tuple[Any, Any, Any, list[Any]]:
     import adapters
     from adapters.composition import Fuse
 
     adapters.init(model)
-    for i, n in enumerate(NAMES):
+    for i, n in enumerate(names):
         model.add_adapter(n, config="seq_bn")  # Pfeiffer: reduction 16, after the FFN
         randomize([p for name, p in model.named_parameters() if f"adapters.{n}." in name], i)
-    fuse = Fuse(*NAMES)
+    fuse = Fuse(*names)
     model.add_adapter_fusion(fuse)
     model.train_adapter_fusion(fuse)  # freezes everything but the fusion layers
     params = [p for name, p in model.named_parameters() if "adapter_fusion_layer" in name]
@@ -100,112 +107,101 @@ def setup_adapters(model: Any) -> tuple[Any, Any, Any, list[Any]]:
     return model, on, off, params
 
 
-def worker(lib: str, repeats: int, batch: int, seq: int, threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    model = bert()
-    runner, on, off, fusion_params = (setup_deltahub if lib == "deltahub" else setup_adapters)(model)
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1000, 20000, (batch, seq), generator=g)
-    mask = torch.ones_like(ids)
-
-    def forward() -> None:
-        with torch.no_grad():
-            runner(input_ids=ids, attention_mask=mask)
-
-    model.eval()
-    off()
-    t_base = timed(forward, repeats)
-    on()
-    t_fuse = timed(forward, repeats)
-
+def variants_of(lib: str, base: Any, n: int, ids: Any, mask: Any) -> tuple[dict[str, Variant], int]:
+    names = [f"a{i}" for i in range(n)]
+    model = copy.deepcopy(base)
+    runner, on, off, fusion_params = (setup_deltahub if lib == "deltahub" else setup_adapters)(model, names)
     for p in model.parameters():
         p.requires_grad_(False)
     for p in fusion_params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(fusion_params, lr=1e-4)
-    model.train()
+
+    def prepare(active: bool, train: bool) -> Callable[[], object]:
+        def run() -> None:
+            model.train(train)
+            (on if active else off)()
+
+        return run
+
+    def forward() -> None:
+        with torch.no_grad():
+            runner(input_ids=ids, attention_mask=mask)
 
     def step() -> None:
         out = runner(input_ids=ids, attention_mask=mask).last_hidden_state
-        loss = out.float().pow(2).mean()
-        loss.backward()
+        out.float().pow(2).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    t_step = timed(step, max(1, repeats // 2))
-    print(
-        json.dumps(
-            {
-                "lib": lib,
-                "forward_base_s": t_base,
-                "forward_fuse_s": t_fuse,
-                "train_step_s": t_step,
-                "fusion_params": sum(p.numel() for p in fusion_params),
-                "torch": torch.__version__,
-            }
-        ),
-        flush=True,
-    )
+    variants = {
+        f"{lib}:base": (prepare(False, False), forward),
+        f"{lib}:fuse": (prepare(True, False), forward),
+        f"{lib}:step": (prepare(True, True), step),
+    }
+    return variants, sum(p.numel() for p in fusion_params)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3, help="timed forwards per setting (steps: half)")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--adapters-python", default=str(ROOT / ".venv-adapters" / "bin" / "python"))
-    ap.add_argument("--worker", choices=["deltahub", "adapters"], help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, help="write the markdown section here too")
+    ap.add_argument("--ns", default="2,3,4,8,16")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    if args.worker:
-        worker(args.worker, args.repeats, args.batch, args.seq, args.threads)
-        return
+    import adapters
+    import transformers
 
-    pythons = {"deltahub": sys.executable, "adapters": args.adapters_python}
-    results: dict[str, list[dict[str, Any]]] = {"deltahub": [], "adapters": []}
-    t0 = time.time()
-    for r in range(args.rounds):
-        order = ["adapters", "deltahub"] if r % 2 else ["deltahub", "adapters"]
-        for lib in order:
-            cmd = [pythons[lib], __file__, "--worker", lib, "--repeats", str(args.repeats), "--batch",
-                   str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]  # fmt: skip
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            if proc.returncode or not lines:
-                sys.exit(f"{lib} worker failed:\n{proc.stderr[-3000:]}")
-            results[lib].append(json.loads(lines[-1]))
-            print(f"round {r} {lib}: {lines[-1]}  ({time.time() - t0:.0f}s)", flush=True)
-
-    def med(lib: str, key: str) -> float:
-        return statistics.median(x[key] for x in results[lib])
-
-    rows = []
-    for lib in ("deltahub", "adapters"):
-        base, fused, step = med(lib, "forward_base_s"), med(lib, "forward_fuse_s"), med(lib, "train_step_s")
-        rows.append(
-            f"| {lib} | {base:.3f} | {fused:.3f} | {100 * (fused / base - 1):+.0f}% | {step:.2f} | "
-            f"{results[lib][0]['fusion_params']:,} |"
-        )
-    ratio = med("deltahub", "train_step_s") / med("adapters", "train_step_s")
-    text = "\n".join(
-        [
-            f"bert-base config (random weights), batch {args.batch} x {args.seq}, 3 Pfeiffer adapters (reduction 16) "
-            f"fused, {args.threads} threads, medians over {args.rounds} alternating rounds x {args.repeats} repeats.",
-            "",
-            "| library | base forward (s) | Fuse forward (s) | Fuse overhead | fusion train step (s) | fusion params |",
-            "|---|---|---|---|---|---|",
-            *rows,
-            "",
-            f"train step, deltahub / adapters: {ratio:.2f}x",
-        ]
+    transformers.logging.set_verbosity_error()  # adapters' "none are activated" on the bare-base forward
+    torch.set_num_threads(args.threads)
+    print(f"load average before: {os.getloadavg()}")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, adapters {adapters.__version__}, "
+        f"{torch.get_num_threads()} thread(s), batch {args.batch} x {args.seq}, {args.rounds} rounds"
     )
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    base = bert()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, 20000, (args.batch, args.seq), generator=g)
+    mask = torch.ones_like(ids)
+    print(
+        "\n| N | deltahub Fuse fwd overhead, CPU (wall) | adapters Fuse fwd overhead, CPU (wall) | "
+        "step deltahub / adapters, CPU (wall) | step s, deltahub / adapters (CPU) | fusion params, deltahub / adapters |"
+    )
+    print("|---|---|---|---|---|---|")
+    for n in [int(v) for v in args.ns.split(",")]:
+        ours, p_ours = variants_of("deltahub", base, n, ids, mask)
+        theirs, p_theirs = variants_of("adapters", base, n, ids, mask)
+        variants = {**ours, **theirs}
+        times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
+        for v in variants.values():
+            once(v)  # warm-up
+        keys = list(variants)
+        for r in range(args.rounds):
+            for k in keys if r % 2 == 0 else reversed(keys):
+                times[k].append(once(variants[k]))
+
+        def paired(
+            a: str, b: str, times: dict[str, list[tuple[float, float]]] = times
+        ) -> tuple[float, float]:
+            ta, tb = times[a], times[b]
+            return (
+                statistics.median(x[0] / y[0] for x, y in zip(ta, tb, strict=True)),
+                statistics.median(x[1] / y[1] for x, y in zip(ta, tb, strict=True)),
+            )
+
+        oc, ow = paired("deltahub:fuse", "deltahub:base")
+        ac, aw = paired("adapters:fuse", "adapters:base")
+        sc, sw = paired("deltahub:step", "adapters:step")
+        so = statistics.median(t[0] for t in times["deltahub:step"])
+        sa = statistics.median(t[0] for t in times["adapters:step"])
+        print(
+            f"| {n} | {100 * (oc - 1):+.0f}% ({100 * (ow - 1):+.0f}%) | {100 * (ac - 1):+.0f}% ({100 * (aw - 1):+.0f}%) | "
+            f"{sc:.2f}x ({sw:.2f}x) | {so:.2f} / {sa:.2f} | {p_ours:,} / {p_theirs:,} |",
+            flush=True,
+        )
+        del ours, theirs, variants
+    print(f"load average after: {os.getloadavg()}")
 
 
 if __name__ == "__main__":

@@ -68,3 +68,16 @@ def test_frozen_fusion_caches_its_folded_matrices_under_autograd(monkeypatch):
     with torch.no_grad():
         layer.fusion_value.weight.mul_(2.0)  # a change is seen (tensor versions)
     assert not torch.equal(fn(x, x, x, 1.0, None), first) and len(calls) == 2
+
+
+def test_binding_again_reuses_the_folded_matrices(monkeypatch):
+    layer, parts, x = _setup(tokens=8)
+    calls = []
+    make = FusionLayer._folded_weights
+    monkeypatch.setattr(FusionLayer, "_folded_weights", lambda self, p: calls.append(1) or make(self, p))
+    with torch.no_grad():
+        first = layer.bind(parts, ["a", "b", "c"])(x, x, x, 1.0, None)
+        again = layer.bind(parts, ["a", "b", "c"])(x, x, x, 1.0, None)  # re-activation
+        other = layer.bind(parts[:2], ["a", "b"])(x, x, x, 1.0, None)  # another set: its own fold
+    assert torch.equal(first, again) and len(calls) == 2
+    assert not torch.equal(first, other)

@@ -310,7 +310,8 @@ class FusionLayer(SiteDelta):
         # must flow through them (the caller passes key None while Q, K, V or an adapter train).
         if cache is None or key is None:
             if cache is not None:
-                cache.clear()
+                cache.pop("key", None)
+                cache.pop("value", None)
             return make()
         if cache.get("key") != key:
             cache["key"], cache["value"] = key, make()
@@ -358,6 +359,18 @@ class FusionLayer(SiteDelta):
 
     # ------------------------------------------------------------------ as a site delta
 
+    def _fold_cache(self, tensors: list[Tensor]) -> dict[str, Any]:
+        """The folded-matrix cache of one set of fused adapters at this layer, kept across
+        activations (re-activating a fusion does not refold); it holds the tensors, so
+        their ids stay theirs. At most 16 sets are kept, the oldest dropped."""
+        caches: dict[tuple[int, ...], dict[str, Any]] = self.__dict__.setdefault("_fold_caches", {})
+        ident = tuple(id(t) for t in tensors)
+        cache = caches.pop(ident, None) or {"refs": list(tensors)}
+        caches[ident] = cache
+        while len(caches) > 16:
+            caches.pop(next(iter(caches)))
+        return cache
+
     def bind(self, parts: list[Part], names: list[str] | None = None, sink: Any = None) -> DeltaFn:
         """The site's delta function fusing `parts` (the children present here, `names`).
 
@@ -365,7 +378,7 @@ class FusionLayer(SiteDelta):
         per-layer fusion)."""
         sink = self if sink is None else sink
         key_tensors = [t for p in parts for t in p.sources]
-        cache: dict[str, Any] = {}  # this site's folded matrices (inference)
+        cache = self._fold_cache(key_tensors)  # this site's folded matrices (inference)
         if any(p.width_out is not None and p.width_out != self.d for p in parts):
             return self._bind_input_side(parts, names, sink, key_tensors, cache)
         # Bottlenecks that all read the same z: z is the query and one stacked matmul gives
