@@ -239,3 +239,26 @@ def test_fuse_per_layer_by_default_and_module_scope_says_its_size(bert_path: Pat
     assert registry.open("fm").config["scope"] == "module"
     size = [line for line in lines if line.startswith("per-module fusion:")]
     assert len(size) == 1 and f"{r.extra['fusion']['parameters']:,} parameters" in size[0]
+
+
+def test_cli_fuse_scope_output_dir_and_no_publish(bert_path: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from deltahub import artifact as af
+    from deltahub.cli.main import cli
+    from deltahub.registry import Registry
+
+    registry = Registry()
+    model = _two_loras(bert_path)
+    for name in ("a", "b"):
+        registry.publish(model.save_adapter(name, tmp_path / name), name)
+    data = fh.color_task(tmp_path / "train.jsonl", n=16)
+    args = ["fuse", "a", "b", "--base", str(bert_path), "--data", str(data), "--name", "fz", "--epochs", "1",
+            "--batch-size", "8", "--no-publish"]  # fmt: skip
+    r = CliRunner().invoke(cli, [*args, "--scope", "module", "--output-dir", str(tmp_path / "o"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert "per-module fusion:" in r.stderr and "% of the base" in r.stderr
+    written = af.load_dir(tmp_path / "o")
+    assert written.config["scope"] == "module" and not Registry().exists("fz")
+    r = CliRunner().invoke(cli, [*args, "--version", "2"])
+    assert r.exit_code == 2 and "--no-publish" in r.output

@@ -31,15 +31,13 @@ from deltahub.training.data import Collator, Columns, Dataset
 from deltahub.training.engine import (
     TaskModel,
     TrainResult,
-    check_publishable,
-    data_extra,
     datasets,
     load_model,
     make_head,
-    publish_artifact,
     run,
-    stderr_log,
 )
+from deltahub.training.epochs import stderr_log
+from deltahub.training.publishing import check_publishable, data_extra, publish_artifact
 
 __all__ = ["attention_summary", "fuse"]
 

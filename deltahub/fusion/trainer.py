@@ -9,13 +9,12 @@ from deltahub.training.engine import (
     TaskModel,
     TrainResult,
     adapter_config,
-    data_extra,
     datasets,
     load_model,
     make_head,
-    publish_artifact,
     run,
 )
+from deltahub.training.publishing import data_extra, publish_artifact
 
 warnings.warn("deltahub.fusion.trainer moved to deltahub.training.engine", DeprecationWarning, stacklevel=2)
 

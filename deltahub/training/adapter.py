@@ -25,17 +25,14 @@ from deltahub.training.engine import (
     TaskModel,
     TrainResult,
     adapter_config,
-    check_publishable,
-    data_extra,
     datasets,
     load_model,
     make_head,
-    publish_artifact,
-    registry_or_default,
     run,
-    stderr_log,
 )
+from deltahub.training.epochs import stderr_log
 from deltahub.training.head import TaskHead
+from deltahub.training.publishing import check_publishable, data_extra, publish_artifact, registry_or_default
 
 __all__ = ["load_task_model", "train"]
 

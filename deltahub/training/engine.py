@@ -27,7 +27,6 @@ checkpoint kept. One line per epoch goes to `log`: loss, eval metric, best so fa
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,10 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deltahub import artifact as af
-from deltahub.errors import AlreadyExists, InvalidConfig, NotFound, Unsupported
+from deltahub.errors import InvalidConfig, Unsupported
 from deltahub.training.checkpoint import Checkpoint, TrainingInterrupted, checkpoint_trainer
 from deltahub.training.data import PROBLEM_TYPES, TASKS, Collator, Columns, Dataset, LabelMap, load_dataset
+from deltahub.training.epochs import BestEpoch, compute_metrics, quiet_progress
 from deltahub.training.head import TaskHead, default_pooling
 
 METHODS = ("lora", "houlsby", "pfeiffer", "parallel", "ia3", "bitfit", "ssf", "prompt", "prefix", "ptuning-v2")  # fmt: skip
@@ -250,130 +249,6 @@ def make_head(
     return head.to(next(model.base.parameters()).device)
 
 
-class _BestEpoch:
-    """Trainer callback: early stopping on an eval metric, the best trainable weights kept in
-    memory and in the checkpoint, and one line per epoch."""
-
-    def __init__(
-        self,
-        params: dict[str, nn.Parameter],
-        metric: str,
-        greater: bool,
-        patience: int,
-        epochs: int,
-        has_eval: bool,
-        per_epoch_eval: bool,
-        checkpoint: Checkpoint | None,
-        identity: dict[str, Any],
-        log: Callable[[str], None] | None,
-    ) -> None:
-        self.params, self.metric, self.greater, self.patience = params, metric, greater, patience
-        self.epochs, self.has_eval, self.per_epoch_eval = epochs, has_eval, per_epoch_eval
-        self.checkpoint, self.identity, self.log = checkpoint, identity, log
-        self.best: float | None = None
-        self.best_epoch: float | None = None
-        self.snapshot: dict[str, Tensor] | None = None
-        self.bad = 0
-        self.loss: float | None = None  # the last epoch's training loss
-        self.last: float | None = None  # the last evaluation's metric
-        self.active = True  # off for the evaluation after training
-
-    def resume_from(self, info: dict[str, Any], weights: dict[str, Tensor]) -> None:
-        self.best, self.best_epoch, self.bad = (
-            info.get("best"),
-            info.get("best_epoch"),
-            int(info.get("bad", 0)),
-        )
-        if self.best is not None:  # the best evaluation's weights; without evaluation, none to go back to
-            self.snapshot = {k: v.to(self.params[k].device) for k, v in weights.items()}
-
-    def save(self, state: Any, optimizer: Any, scheduler: Any) -> None:
-        if self.checkpoint is None or optimizer is None or scheduler is None:
-            return
-        info = {
-            "identity": self.identity, "best": self.best, "best_epoch": self.best_epoch, "bad": self.bad,
-            "metric": self.metric, "global_step": state.global_step, "epoch": state.epoch,
-        }  # fmt: skip
-        self.checkpoint.save(self.params, optimizer, scheduler, state, info)
-
-    def line(self, epoch: float | None) -> None:
-        if self.log is None:
-            return
-        parts = [f"epoch {round(epoch or 0)}/{self.epochs}"]
-        if self.loss is not None:
-            parts.append(f"loss {self.loss:.4f}")
-        if self.last is not None:
-            parts.append(f"{self.metric} {self.last:.4f}")
-        if self.best is not None:
-            parts.append(f"best {self.metric} {self.best:.4f} (epoch {self.best_epoch or 0:.3g})")
-        self.log("  ".join(parts))
-
-    def callback(self) -> Any:
-        from transformers import TrainerCallback
-
-        keeper = self
-
-        class Callback(TrainerCallback):
-            def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-                if keeper.active and logs and "loss" in logs:
-                    keeper.loss = float(logs["loss"])
-                    if not keeper.per_epoch_eval:  # no evaluation to wait for at this epoch's end
-                        keeper.line(state.epoch)
-
-            def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-                if keeper.active and not keeper.has_eval:  # the latest epoch is the best known
-                    keeper.save(state, kw.get("optimizer"), kw.get("lr_scheduler"))
-
-            def on_evaluate(
-                self, args: Any, state: Any, control: Any, metrics: Any = None, **kw: Any
-            ) -> None:
-                value = (metrics or {}).get(f"eval_{keeper.metric}")
-                if value is None or not keeper.active:
-                    return
-                keeper.last = float(value)
-                better = keeper.best is None or (
-                    value > keeper.best if keeper.greater else value < keeper.best
-                )
-                if better:
-                    keeper.best, keeper.best_epoch, keeper.bad = float(value), state.epoch, 0
-                    keeper.snapshot = {k: p.detach().clone() for k, p in keeper.params.items()}
-                    keeper.save(state, kw.get("optimizer"), kw.get("lr_scheduler"))
-                else:
-                    keeper.bad += 1
-                    if keeper.patience > 0 and keeper.bad >= keeper.patience:
-                        control.should_training_stop = True
-                if keeper.per_epoch_eval:
-                    keeper.line(state.epoch)
-
-        return Callback()
-
-    def restore(self) -> None:
-        if self.snapshot is not None:
-            with torch.no_grad():
-                for k, p in self.params.items():
-                    p.copy_(self.snapshot[k])
-
-
-def _quiet_progress() -> type:
-    from transformers.trainer_callback import ProgressCallback
-
-    class QuietProgress(ProgressCallback):
-        """One training bar: no log dict per epoch, no nested evaluation bars (the caller
-        reports the metrics once)."""
-
-        def on_log(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
-        def on_prediction_step(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
-    return QuietProgress
-
-
-def stderr_log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def training_arguments(**kwargs: Any) -> Any:
     """transformers' `TrainingArguments` (one place, so tests can see what training gets)."""
     from transformers import TrainingArguments
@@ -388,24 +263,6 @@ def _metric_for(task_model: TaskModel) -> tuple[str, bool]:
     return {"regression": ("mse", False), "multi-label": ("f1", True)}.get(
         task_model.problem_type, ("accuracy", True)
     )
-
-
-def _compute_metrics(problem_type: str) -> Callable[[Any], dict[str, float]]:
-    import numpy as np
-
-    def compute(pred: Any) -> dict[str, float]:
-        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-        labels = pred.label_ids
-        if problem_type == "regression":
-            return {"mse": float(((logits.reshape(-1) - labels.reshape(-1)) ** 2).mean())}
-        if problem_type == "multi-label":
-            guess, truth = logits > 0, labels > 0.5
-            tp = float(np.logical_and(guess, truth).sum())
-            denom = float(guess.sum() + truth.sum())
-            return {"f1": 2 * tp / denom if denom else 1.0}
-        return {"accuracy": float((logits.argmax(-1) == labels).mean())}
-
-    return compute
 
 
 def run(
@@ -453,7 +310,7 @@ def run(
     classification = task_model.task == "classification"
     metric, greater = _metric_for(task_model)
     identity = identity or {}
-    keeper = _BestEpoch(
+    keeper = BestEpoch(
         params, metric, greater, patience, epochs, eval_ds is not None, eval_ds is not None and eval_steps is None,
         checkpoint, identity, log,
     )  # fmt: skip
@@ -494,7 +351,7 @@ def run(
             train_dataset=train_ds,
             eval_dataset=eval_ds,
             data_collator=Collator(tokenizer.pad_token_id),
-            compute_metrics=_compute_metrics(task_model.problem_type) if classification else None,
+            compute_metrics=compute_metrics(task_model.problem_type) if classification else None,
             callbacks=[keeper.callback()],
         )
         trainer.checkpoint, trainer.trainable = checkpoint, params
@@ -506,7 +363,7 @@ def run(
             from transformers.trainer_callback import ProgressCallback
 
             trainer.remove_callback(ProgressCallback)
-            trainer.add_callback(_quiet_progress())
+            trainer.add_callback(quiet_progress())
         try:
             out = trainer.train(resume_from_checkpoint=resume_from)
         except KeyboardInterrupt:
@@ -529,63 +386,3 @@ def run(
         checkpoint.remove()
     task_model.eval()
     return metrics
-
-
-def check_publishable(registry: Any, name: str, version: str | None, tags: Sequence[str]) -> None:
-    """Refuse, before any training, what the publish at the end would refuse: a bad name,
-    version or tag, or (given the `registry` to publish to) a version that exists already."""
-    from deltahub.registry.refs import check_name, check_tag, check_version
-
-    check_name(name)
-    if version is not None:
-        check_version(str(version))
-    for tag in tags:
-        check_tag(tag)
-    if version is None or registry is None:
-        return
-    try:
-        registry.resolve(f"{name}@{version}")
-    except NotFound:
-        return
-    raise AlreadyExists(
-        f"{name}@{version} already exists; versions are immutable (train without a version for the "
-        "next number, or pick a new one)"
-    )
-
-
-def publish_artifact(
-    tensors: dict[str, Tensor],
-    config: dict[str, Any],
-    manifest: af.Manifest,
-    registry: Any,
-    publish: bool,
-    output_dir: str | Path | None,
-    version: str | None,
-    tags: Sequence[str],
-) -> tuple[Any, Path | None]:
-    """Write the artifact to `output_dir` (a fresh temporary directory when not publishing
-    and none is given) and/or publish it; returns (version or None, directory or None)."""
-    if output_dir is not None or not publish:
-        path = Path(output_dir or tempfile.mkdtemp(prefix="deltahub-adapter-"))
-        af.write_dir(path, tensors, config, manifest)
-        if not publish:
-            return None, path
-        return registry_or_default(registry).publish(path, manifest.name, version=version, tags=tags), path
-    with tempfile.TemporaryDirectory(prefix="deltahub-publish-") as tmp:
-        af.write_dir(tmp, tensors, config, manifest)
-        return registry_or_default(registry).publish(tmp, manifest.name, version=version, tags=tags), None
-
-
-def registry_or_default(registry: Any) -> Any:
-    if registry is not None:
-        return registry
-    from deltahub.registry import Registry
-
-    return Registry()
-
-
-def data_extra(train_ds: Dataset, eval_ds: Dataset | None) -> dict[str, Any]:
-    data = {"train": train_ds.describe()}
-    if eval_ds is not None:
-        data["eval"] = eval_ds.describe()
-    return data
