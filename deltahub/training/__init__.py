@@ -1,12 +1,14 @@
 """deltahub.training: train adapters of any method for a task.
 
-`data.py` reads JSON Lines / CSV files into tokenized examples; `head.py` is the
-classification head saved beside an adapter's weights; `engine.py` is the task model,
-transformers' `Trainer` loop with early stopping, and publishing; `adapter.py` holds
-`train()` (one adapter) and `load_task_model()` (a trained adapter or fusion with its
-head, ready to run); `inference.py` holds `predict()`, which answers texts with a
-generation, a label (a trained head or the base's classifier) or an embedding. Fusion
-training (`deltahub.fusion.fuse`) uses this engine.
+`data.py` reads local files (JSON Lines, CSV, Parquet, through HF `datasets`) or a
+`datasets.Dataset` into tokenized examples; `head.py` is the task head saved beside an
+adapter's weights (single-label, multi-label, regression); `engine.py` is the task model
+and the run over transformers' `Trainer`; `epochs.py` the per-epoch bookkeeping (best
+evaluation, early stopping, the epoch line); `checkpoint.py` the best-so-far checkpoint
+(no pickle) and resuming from it; `publishing.py` the checks before training and the
+publish after; `adapter.py` holds `train()` (one adapter) and `load_task_model()` (a
+trained adapter or fusion with its head, ready to run); `inference.py` holds `predict()`.
+Fusion training (`deltahub.fusion.fuse`) uses this engine.
 """
 
 from __future__ import annotations
