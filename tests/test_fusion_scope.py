@@ -262,3 +262,22 @@ def test_cli_fuse_scope_output_dir_and_no_publish(bert_path: Path, tmp_path: Pat
     assert written.config["scope"] == "module" and not Registry().exists("fz")
     r = CliRunner().invoke(cli, [*args, "--version", "2"])
     assert r.exit_code == 2 and "--no-publish" in r.output
+
+
+def test_per_layer_on_llama_with_grouped_query_attention(tmp_path: Path) -> None:
+    """k_proj / v_proj write 16 wide (2 of 4 heads), the MLP 64: the input side; one LoRA
+    with V = I reproduces that LoRA at every module."""
+    model = AdaptedModel(load_base(fh.llama_dir(tmp_path / "llama"), device="cpu"))
+    model.add_adapter("a", {"method": "lora", "r": 4, "lora_alpha": 8, "target_modules": "all-linear"})
+    _randomize(model.get_adapter("a"), seed=2, std=0.2)
+    fusion = add_fusion(model, "f", ["a"])
+    assert len(fusion.fusion_layers()) == 2  # model.layers.0 and model.layers.1
+    with torch.no_grad():
+        for layer in fusion.fusion_layers():
+            layer.fusion_value.weight.copy_(torch.eye(layer.d))
+        ids = torch.tensor([[5, 6, 7, 8, 9]])
+        model.activate("a")
+        alone = model(input_ids=ids).logits
+        model.activate("f")
+        fused = model(input_ids=ids).logits
+    assert torch.allclose(fused, alone, atol=1e-4)
