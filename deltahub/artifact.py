@@ -190,7 +190,7 @@ def load_dir(path: Path | str) -> Artifact:
     from deltahub.interop import adapterhub  # AdapterHub saves are converted, exactly or refused
 
     if adapterhub.is_adapterhub_dir(path):
-        return adapterhub.load(path)
+        return _load_converted(adapterhub.convert_dir(path))
     files: dict[str, Path] = {}
     for entry in sorted(path.iterdir()):
         if entry.suffix.lower() in PICKLE_SUFFIXES:
@@ -200,6 +200,21 @@ def load_dir(path: Path | str) -> Artifact:
                 raise InvalidArtifact("not-a-file", f"{entry} must be a regular file, not a link or folder")
             files[entry.name] = entry
     return load_files(files)
+
+
+def _load_converted(tmp: Path) -> Artifact:
+    """The artifact a converter wrote to the temporary directory `tmp`, which is removed
+    when the returned object is garbage-collected (or at once if it does not validate)."""
+    import shutil
+    import weakref
+
+    try:
+        artifact = load_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    weakref.finalize(artifact, shutil.rmtree, str(tmp), True)
+    return artifact
 
 
 def write_dir(

@@ -226,21 +226,10 @@ def test_the_graph_sees_the_package(tmp_path: Path) -> None:
     assert reaches(shallow, ext, "scratch.sub.leaf") == ["scratch.sub.leaf", "scratch.schemas", "torch.nn"]
 
 
-# Circles through deferred imports that the AdapterHub interop brought in (8c79bbb, 59cba63),
-# listed module by module so that any other circle, or one of these growing, still fails;
-# delete an entry when its circle is gone (the test says so).
-KNOWN_DEFERRED: list[frozenset[str]] = [
-    frozenset({"deltahub.artifact", "deltahub.interop.adapterhub"}),
-    frozenset(
-        {
-            "deltahub.fusion.artifact",
-            "deltahub.registry",
-            "deltahub.registry.registry",
-            "deltahub.registry.publish",
-            "deltahub.interop.adapterhub_fusion",
-        }
-    ),
-]
+# Known circles through deferred imports, listed module by module so that any other circle,
+# or one of these growing, still fails; delete an entry when its circle is gone (the test
+# says so). The AdapterHub interop's two (8c79bbb, 59cba63) are gone.
+KNOWN_DEFERRED: list[frozenset[str]] = []
 
 
 def strongly_connected(edges: dict[str, set[str]], cycle: list[str]) -> frozenset[str]:

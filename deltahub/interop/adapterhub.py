@@ -228,20 +228,3 @@ def convert_dir(path: Path | str, out: Path | None = None) -> Path:
             shutil.rmtree(target, ignore_errors=True)
         raise
     return target
-
-
-def load(path: Path | str) -> Any:
-    """The validated `Artifact` of an AdapterHub directory, converted into a temporary
-    directory that is removed when the artifact object is garbage-collected."""
-    import weakref
-
-    from deltahub import artifact as af
-
-    tmp = convert_dir(path)
-    try:
-        artifact = af.load_dir(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    weakref.finalize(artifact, shutil.rmtree, str(tmp), True)
-    return artifact

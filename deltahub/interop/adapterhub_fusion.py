@@ -40,6 +40,7 @@ from deltahub.interop.rawtensors import Raw, read, write
 from deltahub.settings import MAX_CONFIG_BYTES
 
 MAX_SIBLINGS = 1000  # directory entries looked at when finding constituents beside a fusion
+CONSTITUENT_ROLE = "constituent"  # deltahub.fusion.artifact's role name (not imported: no circle)
 FUSION_FIELDS = {
     "key", "query", "value", "query_before_ln", "regularization", "residual_before", "temperature",
     "value_before_softmax", "value_initialized", "dropout_prob",
@@ -166,7 +167,6 @@ def publish_fusion(
     as `<name>-<adapter>`.
     """
     from deltahub import artifact as af
-    from deltahub.fusion.artifact import CONSTITUENT_ROLE
 
     path = Path(path)
     ah.refuse_pickles(path)
