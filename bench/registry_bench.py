@@ -172,9 +172,12 @@ def clear_latest(reg: Registry, name: str) -> None:
 def read_paths(reg: Registry, names: list[str], per_name: int, repeat: int) -> dict[str, dict[str, float]]:
     probe = names[len(names) // 2]
     mid = reg.resolve(f"{probe}@{per_name // 2}")
-    deep_list = reg.list(limit=PAGE)
-    for _ in range(min(20, len(names) // PAGE // 2)):  # a cursor some pages in
-        deep_list = reg.list(limit=PAGE, cursor=deep_list.next_cursor)
+    deep_cursor, page = None, reg.list(limit=PAGE)  # the deepest full page, up to 20 pages in
+    for _ in range(20):
+        following = reg.list(limit=PAGE, cursor=page.next_cursor) if page.next_cursor else []
+        if len(following) < PAGE:
+            break
+        deep_cursor, page = page.next_cursor, following
     cursor_all = reg.list(all_versions=True, limit=PAGE)
     versions_page = reg.versions(probe, limit=PAGE)
     return {
@@ -185,7 +188,7 @@ def read_paths(reg: Registry, names: list[str], per_name: int, repeat: int) -> d
         "by digest prefix (no name)": cpu_ms(lambda: reg.by_digest(mid.digest[:19]), repeat),
         f"list, page of {PAGE}": cpu_ms(lambda: reg.list(limit=PAGE), repeat // 4),
         f"list, page of {PAGE} deep in": cpu_ms(
-            lambda: reg.list(limit=PAGE, cursor=deep_list.next_cursor), repeat // 4
+            lambda: reg.list(limit=PAGE, cursor=deep_cursor), repeat // 4
         ),
         f"list --task, page of {PAGE}": cpu_ms(lambda: reg.list(task="task7", limit=PAGE), repeat // 4),
         f"list --all, page of {PAGE}": cpu_ms(
