@@ -120,7 +120,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seq", type=int, default=8, help="tokens per row in the routing batch")
     ap.add_argument("--ks", default="1,8,32,64")
-    ap.add_argument("--kernel-only", action="store_true")
+    ap.add_argument("--sections", default="0,1,2", help="which measures to run (0, 1, 2 below)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -128,8 +128,9 @@ def main() -> None:
     ks = [int(k) for k in args.ks.split(",")]
     print(f"load average before: {os.getloadavg()}")
     print(f"threads: {torch.get_num_threads()}  torch {torch.__version__}  rounds {args.rounds}")
-    kernel_bench(args.rounds, ks)
-    if args.kernel_only:
+    if "0" in args.sections:
+        kernel_bench(args.rounds, ks)
+    if "1" not in args.sections and "2" not in args.sections:
         return
 
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -159,11 +160,14 @@ def main() -> None:
             if "lora_" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     scratch = Path(tempfile.mkdtemp())
-    pm.save_pretrained(str(scratch))  # the first adapter at the top, the others in subdirectories
+    pm.save_pretrained(str(scratch))  # each adapter in its own subdirectory (none is "default")
     del pm
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(scratch), adapter_name=names[0]).eval()
+    peft_model = PeftModel.from_pretrained(
+        copy.deepcopy(base), str(scratch / names[0]), adapter_name=names[0]
+    )
+    peft_model.eval()
     ours = AdaptedModel(load_base(copy.deepcopy(base), device="cpu"))
-    ours.load_path(scratch, names[0])
+    ours.load_path(scratch / names[0], names[0])
     for n in names[1:]:
         peft_model.load_adapter(str(scratch / n), adapter_name=n)
         ours.load_path(scratch / n, n)
@@ -171,32 +175,35 @@ def main() -> None:
     ours_base = ours.base
 
     # ---- 1. unmerged LoRA forward / bare base, batch 8 x 128
-    x = torch.randint(0, VOCAB, (8, 128), generator=torch.Generator().manual_seed(0))
-    ours.activate(names[0])
-    peft_model.set_adapter(names[0])
+    if "1" in args.sections:
+        x = torch.randint(0, VOCAB, (8, 128), generator=torch.Generator().manual_seed(0))
+        ours.activate(names[0])
+        peft_model.set_adapter(names[0])
 
-    def bare():
+        def bare():
+            ours.deactivate()
+            try:
+                ours_base(input_ids=x)
+            finally:
+                ours.activate(names[0])
+
+        t1 = interleaved(
+            {"base": bare, "ours": lambda: ours(input_ids=x), "peft": lambda: peft_model(input_ids=x)},
+            args.rounds,
+        )
         ours.deactivate()
-        try:
-            ours_base(input_ids=x)
-        finally:
-            ours.activate(names[0])
-
-    t1 = interleaved(
-        {"base": bare, "ours": lambda: ours(input_ids=x), "peft": lambda: peft_model(input_ids=x)},
-        args.rounds,
-    )
-    ours.deactivate()
-    print(
-        f"\n1. unmerged LoRA forward / bare base, batch 8 x 128; median ms CPU / wall: base {med_ms(t1, 'base')}"
-    )
-    print("| | CPU ms / wall ms | / base, CPU (paired median) | / base, wall (paired median) |")
-    print("|---|---|---|---|")
-    for k, label in (("ours", "deltahub"), ("peft", "PEFT")):
-        cpu, wall = paired(t1, k, "base")
-        print(f"| {label} | {med_ms(t1, k)} | {cpu:.3f}x | {wall:.3f}x |")
+        print(
+            f"\n1. unmerged LoRA forward / bare base, batch 8 x 128; median ms CPU / wall: base {med_ms(t1, 'base')}"
+        )
+        print("| | CPU ms / wall ms | / base, CPU (paired median) | / base, wall (paired median) |")
+        print("|---|---|---|---|")
+        for k, label in (("ours", "deltahub"), ("peft", "PEFT")):
+            cpu, wall = paired(t1, k, "base")
+            print(f"| {label} | {med_ms(t1, k)} | {cpu:.3f}x | {wall:.3f}x |")
 
     # ---- 2. per-row routing, 64 rows
+    if "2" not in args.sections:
+        return
     xr = torch.randint(0, VOCAB, (64, args.seq), generator=torch.Generator().manual_seed(1))
     variants: dict[str, Callable[[], object]] = {}
     for k in ks:

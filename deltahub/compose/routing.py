@@ -121,7 +121,9 @@ def routed_forward(
             if isinstance(rows, slice):
                 xg, yg = x[rows], y[rows]
             else:
-                xg, yg = x.index_select(0, rows), y.index_select(0, rows)
+                xg = x.index_select(0, rows)
+                # A plain LoRA (what `gathered` marks) reads only x: no copy of y's rows.
+                yg = xg if marks[i] else y.index_select(0, rows)
             d = fn(xg, yg, yg, 1.0, rows)
             if not (y.requires_grad or d.requires_grad):
                 if isinstance(rows, slice):
