@@ -87,18 +87,14 @@ class Team:
                 proc.wait(15)
 
     def verify(self, sweep: bool = False) -> dict[str, Any]:
+        """`deltahub hub verify`, told where the stores are by the environment alone."""
         s = self.stores
-        args = [
-            "hub",
-            "verify",
-            "--db",
-            s["db"],
-            "--blobs",
-            s["blobs"],
-            "--s3-endpoint-url",
-            s["s3_endpoint_url"],
-        ]
-        r = CliRunner().invoke(cli, [*args, "--json", *(["--sweep"] if sweep else [])])
+        env = {
+            "DELTAHUB_DB_URL": s["db"],
+            "DELTAHUB_BLOB_URL": s["blobs"],
+            "DELTAHUB_S3_ENDPOINT_URL": s["s3_endpoint_url"],
+        }
+        r = CliRunner().invoke(cli, ["hub", "verify", "--json", *(["--sweep"] if sweep else [])], env=env)
         assert r.exit_code in (0, 1), r.output
         return json.loads(r.output)
 
