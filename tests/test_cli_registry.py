@@ -41,7 +41,9 @@ def test_publish_prints_ref_and_digest(runner: CliRunner, art: Path) -> None:
     assert result.exit_code == 0, result.output
     ref, digest = result.output.split()[1:3]
     assert ref == "ns/a@1" and digest == Registry().resolve("ns/a@prod").digest
-    data = json.loads(invoke(runner, "publish", str(art), "--name", "ns/a", "--json").output)
+    data = json.loads(
+        invoke(runner, "publish", str(art), "--name", "ns/a", "--json").stdout
+    )  # notices go to stderr
     assert data["version"] == "2" and data["ref"] == "ns/a@2"
 
 
@@ -77,27 +79,27 @@ def test_list_search_show_json_fields(runner: CliRunner, art: Path) -> None:
     invoke(runner, "publish", str(art), "--name", "beta", "--task", "topic")
     table = invoke(runner, "list")
     assert table.exit_code == 0 and "alpha" in table.output and "beta" in table.output
-    listed = json.loads(invoke(runner, "list", "--json").output)
+    listed = json.loads(invoke(runner, "list", "--json").stdout)
     required = {"name", "version", "digest", "method", "base_model", "tags", "parents", "created"}
     assert [d["name"] for d in listed] == ["alpha", "beta"] and all(required <= set(d) for d in listed)
-    assert [d["name"] for d in json.loads(invoke(runner, "list", "--task", "topic", "--json").output)] == [
+    assert [d["name"] for d in json.loads(invoke(runner, "list", "--task", "topic", "--json").stdout)] == [
         "beta"
     ]
-    found = json.loads(invoke(runner, "search", "movie", "--json").output)
+    found = json.loads(invoke(runner, "search", "movie", "--json").stdout)
     assert [d["name"] for d in found] == ["alpha"]
     assert "nothing matches" in invoke(runner, "search", "zebra").output
-    shown = json.loads(invoke(runner, "show", "alpha", "--json").output)
+    shown = json.loads(invoke(runner, "show", "alpha", "--json").stdout)
     assert required <= set(shown) and shown["manifest"]["task"] == "sentiment"
     text = invoke(runner, "show", "alpha@1").output
     assert "alpha@1" in text and "sentiment" in text and "adapter_model.safetensors" in text
-    versions = json.loads(invoke(runner, "show", "alpha", "--versions", "--json").output)
+    versions = json.loads(invoke(runner, "show", "alpha", "--versions", "--json").stdout)
     assert [v["version"] for v in versions] == ["1"]
 
 
 def test_empty_registry_list(runner: CliRunner) -> None:
     result = invoke(runner, "list")
     assert result.exit_code == 0 and "no adapters" in result.output
-    assert json.loads(invoke(runner, "list", "--json").output) == []
+    assert json.loads(invoke(runner, "list", "--json").stdout) == []
 
 
 def test_show_unknown_ref_errors(runner: CliRunner) -> None:
@@ -124,10 +126,10 @@ def test_tag_export_rm_verify_gc(runner: CliRunner, art: Path, tmp_path: Path) -
     assert invoke(runner, "export", "t@1", str(out)).exit_code == 5  # refuses to overwrite
 
     assert invoke(runner, "rm", "t@2", "--yes").exit_code == 0
-    assert json.loads(invoke(runner, "show", "t", "--json").output)["version"] == "1"
-    verified = json.loads(invoke(runner, "verify", "--json").output)
+    assert json.loads(invoke(runner, "show", "t", "--json").stdout)["version"] == "1"
+    verified = json.loads(invoke(runner, "verify", "--json").stdout)
     assert verified["ok"] and verified["versions"] == 1
-    gc = json.loads(invoke(runner, "gc", "--grace", "0", "--json").output)
+    gc = json.loads(invoke(runner, "gc", "--grace", "0", "--json").stdout)
     assert len(gc["removed"]) == 2  # only v2's manifest and card (README.md) were unique to it
     assert "removed 0 blobs" in invoke(runner, "gc").output
 
@@ -144,7 +146,7 @@ def test_home_option_overrides_env(runner: CliRunner, art: Path, tmp_path: Path)
     other = tmp_path / "other-home"
     assert invoke(runner, "--home", str(other), "publish", str(art), "--name", "h").exit_code == 0
     assert (other / "registry.db").exists()
-    assert json.loads(invoke(runner, "--home", str(other), "list", "--json").output)[0]["name"] == "h"
+    assert json.loads(invoke(runner, "--home", str(other), "list", "--json").stdout)[0]["name"] == "h"
 
 
 def test_list_search_and_show_versions_page_with_a_cursor(runner: CliRunner, art: Path) -> None:
