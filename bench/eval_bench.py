@@ -115,9 +115,9 @@ head (quickstart sentiment task); the eval file is 80 labelled reviews repeated.
         + "\n".join(lines)
         + """
 
-One process pays for importing torch and transformers and loading the base once
-(the difference between the whole-process and the scoring figures); `run --input-file`
-and `serve --predict-base` pay it once for a whole file or for every request.
+A process pays for importing torch and transformers and loading the base once (the
+difference between the whole-process and the scoring figures): `run --input-file` pays
+it once for a whole file, `serve --predict-base` once for all its requests.
 """
     )
     write_section(args.out, "eval", text)
