@@ -84,6 +84,13 @@ def test_tour_commands_did_what_they_say(tour: tuple[Path, subprocess.CompletedP
     ).read_bytes()
     assert demo.resolve("team/sentiment").metrics["accuracy"] == 0.93  # --metric overrides the manifest's
     assert re.search(r"label: (positive|negative)", out)  # run used the trained head
+    predictions = [json.loads(line) for line in (cwd / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 80 and all(p["kind"] == "classification" for p in predictions)
+    assert re.search(r"^(positive|negative)\tthe soup was cold$", out, re.M)  # stdin, one line each
+    [recorded] = demo.evals("quickstart/sentiment@2")  # eval --record
+    assert recorded["metric"] == "accuracy" and recorded["rows"] == 80
+    # sentiment, the average of its two versions, the merge (it kept the head), the laptop's run
+    assert len(re.findall(r"label: (?:positive|negative)  logits", out)) == 4
     merged = demo.resolve("team/sentiment-avg")
     assert [p["ref"] for p in merged.parents] == ["quickstart/sentiment@1", "quickstart/sentiment@2"]
     report = json.loads((cwd / "diff.json").read_text())
