@@ -94,7 +94,9 @@ class Team:
             "DELTAHUB_BLOB_URL": s["blobs"],
             "DELTAHUB_S3_ENDPOINT_URL": s["s3_endpoint_url"],
         }
-        r = CliRunner().invoke(cli, ["hub", "verify", "--json", *(["--sweep"] if sweep else [])], env=env)
+        r = CliRunner().invoke(
+            cli, ["hub", "verify", "--json", *(["--sweep", "--older-than", "0"] if sweep else [])], env=env
+        )
         assert r.exit_code in (0, 1), r.output
         return json.loads(r.output)
 
@@ -271,6 +273,14 @@ def test_s3_multipart_upload_lands_only_when_its_hash_matches(tmp_path: Path) ->
     assert blobs.has(digest) and blobs.size(digest) == len(data)
     assert b"".join(blobs.chunks(digest)) == data
     assert blobs.leftovers() == []  # the temporary object went after the copy
+    assert list(blobs.digests()) == [digest]
+    # What a killed upload leaves: swept only once older than a running upload could be.
+    now = int(time.time())
+    blobs.s3.create_multipart_upload(Bucket=blobs.bucket, Key=f"{blobs.prefix}tmp/{now}-killed-multipart")
+    blobs.s3.put_object(Bucket=blobs.bucket, Key=f"{blobs.prefix}tmp/{now}-killed", Body=b"partial")
+    assert len(blobs.leftovers()) == 2
+    assert blobs.sweep(older_than=3600) == 0 and len(blobs.leftovers()) == 2
+    assert blobs.sweep(older_than=0) == 2 and blobs.leftovers() == []
     assert list(blobs.digests()) == [digest]
 
 

@@ -540,7 +540,14 @@ def hub_migrate(home: str | None, db_url: str | None, as_json: bool) -> None:
 @_stores_options
 @click.option("--no-rehash", is_flag=True, help="Check blobs are present without reading them.")
 @click.option(
-    "--sweep", is_flag=True, help="Also remove leftovers of interrupted uploads (only while no upload runs)."
+    "--sweep", is_flag=True, help="Also remove leftovers of interrupted uploads older than --older-than."
+)
+@click.option(
+    "--older-than",
+    type=click.FloatRange(min=0),
+    default=3600.0,
+    show_default=True,
+    help="Seconds: younger leftovers may be uploads still running on another server.",
 )
 @json_option
 @handle_errors
@@ -551,6 +558,7 @@ def hub_verify(
     s3_endpoint_url: str | None,
     no_rehash: bool,
     sweep: bool,
+    older_than: float,
     as_json: bool,
 ) -> None:
     """Check every version's blobs are present and hash to their digests."""
@@ -558,7 +566,7 @@ def hub_verify(
 
     stores = open_stores(db_url, blobs_url, home, s3_endpoint_url=s3_endpoint_url, create=False)
     try:
-        report = verify_hub(stores, rehash=not no_rehash, sweep=sweep)
+        report = verify_hub(stores, rehash=not no_rehash, sweep=sweep, older_than=older_than)
     finally:
         stores.close()
     if as_json:

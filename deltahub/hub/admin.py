@@ -113,11 +113,14 @@ def _hash(blobs: Any, digest: str) -> tuple[str, int]:
     return "sha256:" + h.hexdigest(), size
 
 
-def verify_hub(stores: Stores, *, rehash: bool = True, sweep: bool = False) -> HubReport:
+def verify_hub(
+    stores: Stores, *, rehash: bool = True, sweep: bool = False, older_than: float = 3600.0
+) -> HubReport:
     """Check every version: its digest covers its files, each blob is there and hashes right.
 
     Leftovers of interrupted uploads (temp files or objects, unfinished multipart uploads)
-    are listed, never visible as blobs; `sweep` removes them (only when no upload runs).
+    are listed, never visible as blobs; `sweep` removes those older than `older_than` seconds
+    (an upload in flight on another server looks the same until then).
     """
     report = HubReport()
     seen: set[str] = set()
@@ -144,7 +147,7 @@ def verify_hub(stores: Stores, *, rehash: bool = True, sweep: bool = False) -> H
                     report.problems.append(f"{v.ref}: {fname} ({digest}) hashes to {actual}")
     report.leftovers = stores.blobs.leftovers()
     if sweep:
-        report.swept = stores.blobs.sweep()
+        report.swept = stores.blobs.sweep(older_than)
     return report
 
 

@@ -26,6 +26,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,8 +120,9 @@ class LocalBlobs:
     def leftovers(self) -> list[str]:
         return [p.name for p in self.store.stale_tmp(0)]
 
-    def sweep(self) -> int:
-        return self.store.sweep_tmp(0)
+    def sweep(self, older_than: float = 0) -> int:
+        # a temp file whose writing process still runs stays, whatever its age (store.py)
+        return self.store.sweep_tmp(older_than)
 
     def verified(self, digest: str) -> tuple[Path, os.stat_result]:
         """The path of a stored blob whose bytes hash to `digest`, re-hashed if its file changed.
@@ -244,7 +246,8 @@ class S3Blobs:
         h = hashlib.sha256()
         size = 0
         buf = bytearray()
-        tmp_key = f"{self.prefix}tmp/{uuid.uuid4().hex}"
+        # the start time in the name: its age, whatever an S3 implementation reports
+        tmp_key = f"{self.prefix}tmp/{int(time.time())}-{uuid.uuid4().hex}"
         upload_id: str | None = None
         parts: list[dict[str, Any]] = []
         completed = False
@@ -367,16 +370,26 @@ class S3Blobs:
         found += [f"{u['Key']} (multipart {u['UploadId']})" for u in uploads.get("Uploads", [])]
         return found
 
-    def sweep(self) -> int:
+    def sweep(self, older_than: float = 0) -> int:
+        """Remove temporary objects and abort multipart uploads older than `older_than` seconds.
+
+        Another server's upload in flight looks the same as a dead one here: keep
+        `older_than` above the longest upload (the CLI's default is an hour).
+        """
+        cutoff = time.time() - older_than
         n = 0
         for page in self.s3.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=self.prefix + "tmp/"
         ):
             for o in page.get("Contents", []):
+                if _started(o["Key"], o["LastModified"].timestamp()) > cutoff:
+                    continue
                 self.s3.delete_object(Bucket=self.bucket, Key=o["Key"])
                 n += 1
         uploads = self.s3.list_multipart_uploads(Bucket=self.bucket, Prefix=self.prefix + "tmp/")
         for u in uploads.get("Uploads", []):
+            if _started(u["Key"], u["Initiated"].timestamp()) > cutoff:
+                continue
             self.s3.abort_multipart_upload(Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"])
             n += 1
         return n
@@ -426,3 +439,10 @@ class S3Blobs:
         return StreamingResponse(
             chunks(), status_code=status, headers=out, media_type="application/octet-stream"
         )
+
+
+def _started(key: str, reported: float) -> float:
+    """When the upload behind a temp key began: from its name (`tmp/<unix time>-<uuid>`),
+    else the time the store reports."""
+    stem = key.rsplit("/", 1)[-1].split("-", 1)[0]
+    return float(stem) if stem.isdigit() else reported
