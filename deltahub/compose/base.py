@@ -97,6 +97,22 @@ def freeze(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def _check_safe_base(name: str | Path, config: Any, local: Path | None) -> None:
+    """Refuse a base that would need custom code or pickled weights, before loading anything."""
+    if getattr(config, "auto_map", None):
+        raise Unsupported(
+            f"base model {str(name)!r} needs its own Python code (auto_map in its config); deltahub never "
+            "runs a repository's code (trust_remote_code): use a base whose architecture transformers ships"
+        )
+    if local is not None and local.is_dir() and not any(local.glob("*.safetensors")):
+        pickled = sorted(p.name for p in local.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if pickled:
+            raise Unsupported(
+                f"base model {str(name)!r} has pickled weights only ({', '.join(pickled)}); deltahub never "
+                "unpickles: re-save it as safetensors (model.save_pretrained(dir) with a trusted transformers)"
+            )
+
+
 def load_base(
     path_or_id: str | Path | nn.Module,
     dtype: str | torch.dtype | None = None,
@@ -153,11 +169,17 @@ def load_base(
             raise NotFound(f"base model directory {path_or_id} does not exist")
         source = str(local) if is_local else str(path_or_id)
         try:
-            config = AutoConfig.from_pretrained(source, local_files_only=is_local)
+            config = AutoConfig.from_pretrained(source, local_files_only=is_local, trust_remote_code=False)
         except (OSError, ValueError) as e:
             raise NotFound(f"cannot load a model config from {path_or_id!r}: {e}") from None
+        _check_safe_base(path_or_id, config, local if is_local else None)
         cls = model_class or _model_class(config)
-        kwargs: dict[str, Any] = {"local_files_only": is_local}
+        # Never unpickle, never run a repository's code: safetensors weights, stock classes.
+        kwargs: dict[str, Any] = {
+            "local_files_only": is_local,
+            "use_safetensors": True,
+            "trust_remote_code": False,
+        }
         if quant is not None and torch_dtype is None:
             # transformers 4.x would load the unquantized modules in float16 for bitsandbytes;
             # keep norms, embeddings and the head in float32 (the QLoRA recipe).
