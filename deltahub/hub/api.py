@@ -1,7 +1,8 @@
 """The registry routes of the hub API (JSON in, strict JSON out).
 
-    GET  /v1/adapters?q=&method=&base_model=&task=&limit=  list (latest versions) or search  read
-    GET  /v1/adapters/{name}/versions                 every version of one adapter        read
+    GET  /v1/adapters?q=&method=&base_model=&task=&limit=&cursor=  list (latest versions) or search  read
+    GET  /v1/adapters/{name}/versions?limit=&cursor=  the versions of one adapter, in pages read
+    (a page's next cursor is the X-Next-Cursor header; no header on the last page)
     GET  /v1/resolve/{ref}                            the version a reference names       read
     GET  /v1/manifest/{ref}                           its deltahub.json                   read
     POST /v1/adapters/{name}/versions                 commit {"files": {file: digest}, "tags": []}
@@ -83,19 +84,28 @@ def list_adapters(request: Request) -> Response:
     limit = q.get("limit", "50")
     if not _LIMIT_RE.fullmatch(limit) or int(limit) < 1:
         raise InvalidConfig("limit must be a positive integer (ASCII digits)")
-    filters = {k: _query_text(q, k) for k in ("q", "base_model", "method", "task", "name")}
+    filters = {k: _query_text(q, k) for k in ("q", "base_model", "method", "task", "name", "cursor")}
+    page = dict(limit=min(int(limit), MAX_LIST_LIMIT), cursor=filters["cursor"])
     if filters["q"]:
-        found = reg.search(filters["q"], limit=min(int(limit), MAX_LIST_LIMIT))
+        found = reg.search(filters["q"], **page)
     else:
         found = reg.list(
             base_model=filters["base_model"],
             method=filters["method"],
             task=filters["task"],
             name=filters["name"],
+            **page,
         )
-    if info is not None:
+    headers = _next_page(found)
+    if info is not None:  # a page may come back shorter than `limit`; its cursor still goes on
         found = [v for v in found if info.covers(v.full_name)]
-    return StrictJSONResponse([_version_dict(v) for v in found])
+    return StrictJSONResponse([_version_dict(v) for v in found], headers=headers)
+
+
+def _next_page(page: Any) -> dict[str, str]:
+    """The next page's cursor travels in a header: the body stays a plain JSON list."""
+    cursor = getattr(page, "next_cursor", None)
+    return {"X-Next-Cursor": cursor} if cursor else {}
 
 
 def list_versions(request: Request) -> Response:
@@ -103,7 +113,14 @@ def list_versions(request: Request) -> Response:
     name = request.path_params["name"]
     check_name(name)
     hub.authorize(request, "read", name)
-    return StrictJSONResponse([_version_dict(v) for v in hub.registry_for_thread().versions(name)])
+    q = request.query_params
+    limit = q.get("limit", str(MAX_LIST_LIMIT))
+    if not _LIMIT_RE.fullmatch(limit) or int(limit) < 1:
+        raise InvalidConfig("limit must be a positive integer (ASCII digits)")
+    found = hub.registry_for_thread().versions(
+        name, limit=min(int(limit), MAX_LIST_LIMIT), cursor=_query_text(q, "cursor")
+    )
+    return StrictJSONResponse([_version_dict(v) for v in found], headers=_next_page(found))
 
 
 def resolve_ref(request: Request) -> Response:

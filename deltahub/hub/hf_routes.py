@@ -67,7 +67,7 @@ def _resolve(request: Request) -> Version:
     except InvalidRef:
         raise HubNotFound("RevisionNotFound", f"{rev!r} is not a version, tag or digest") from None
     try:
-        reg.versions(repo)
+        reg.versions(repo, limit=1)  # does the repository exist (not: list all its versions)
     except NotFound:
         raise HubNotFound("RepoNotFound", f"no adapter named {repo!r} on this hub") from None
     try:

@@ -114,14 +114,14 @@ class EmbeddedHandle:
         self.tokens.close()
 
     # registry
-    def list(self, **filters: str | None) -> list[Version]:
-        return list(self.registry.list(**filters))
+    def list(self, **filters: Any) -> list[Version]:
+        return self.registry.list(**filters)  # a Page: a list with .next_cursor
 
-    def search(self, query: str, limit: int | None = 50) -> list[Version]:
-        return list(self.registry.search(query, limit=limit))
+    def search(self, query: str, limit: int | None = 50, cursor: str | None = None) -> list[Version]:
+        return self.registry.search(query, limit=limit, cursor=cursor)
 
-    def versions(self, name: str) -> list[Version]:
-        return list(self.registry.versions(name))
+    def versions(self, name: str, limit: int | None = None, cursor: str | None = None) -> list[Version]:
+        return self.registry.versions(name, limit=limit, cursor=cursor)
 
     def resolve(self, ref: str | Ref) -> Version:
         return self.registry.resolve(ref)

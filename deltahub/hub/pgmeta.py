@@ -33,7 +33,7 @@ from deltahub.hub.metastore import MetaStore, check_hook, hook_matches, new_secr
 from deltahub.hub.pgschema import DOC, MIGRATIONS, connect, migrate, schema_version
 from deltahub.hub.tokens import TokenStore
 from deltahub.registry.refs import Ref, check_name, check_tag, check_version, parse_ref
-from deltahub.registry.version import Version, version_key
+from deltahub.registry.version import Page, Version, check_limit, decode_cursor, encode_cursor, version_key
 
 
 class PostgresMeta(MetaStore):
@@ -176,7 +176,10 @@ class PgHandle:
         base_model: str | None = None,
         method: str | None = None,
         task: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
     ) -> list[Version]:
+        check_limit(limit)
         where, params = ["is_latest"], []
         for column, value in (
             ("full_name", name),
@@ -187,28 +190,42 @@ class PgHandle:
             if value is not None:
                 where.append(f"{column} = %s")
                 params.append(value)
-        return self._versions(
-            self.all(f"select * from versions where {' and '.join(where)} order by full_name", params)
-        )
+        after = decode_cursor(cursor, "latest", (str,))[0] if cursor else ""
+        sql = f"select * from versions where {' and '.join(where)} and full_name > %s order by full_name"
+        return self._paged(sql, [*params, after], limit, lambda r: ("latest", [r["full_name"]]))
 
-    def search(self, query: str, limit: int | None = 50) -> list[Version]:
+    def search(self, query: str, limit: int | None = 50, cursor: str | None = None) -> list[Version]:
+        check_limit(limit)
         if not query.strip():
-            return self.list()[:limit]
+            return self.list(limit=limit, cursor=cursor)
         tsq = fts_query(query)
         if tsq is None:
-            return []
-        rows = self.all(
-            "select * from versions where is_latest and doc @@ to_tsquery('simple', %s) order by id desc limit %s",
-            [tsq, limit],
-        )
-        return self._versions(rows)
+            return Page([])
+        before = decode_cursor(cursor, "search", (int,))[0] if cursor else 2**63 - 1
+        sql = "select * from versions where is_latest and doc @@ to_tsquery('simple', %s) and id < %s order by id desc"
+        return self._paged(sql, [tsq, before], limit, lambda r: ("search", [r["id"]]))
 
-    def versions(self, name: str) -> list[Version]:
+    def versions(self, name: str, limit: int | None = None, cursor: str | None = None) -> list[Version]:
         check_name(name)
-        rows = self.all("select * from versions where full_name = %s order by seq", [name])
-        if not rows:
+        check_limit(limit)
+        after = decode_cursor(cursor, "versions", (str, int)) if cursor else [name, 0]
+        if after[0] != name:
+            raise InvalidRef(f"this cursor pages through {after[0]!r}, not {name!r}")
+        sql = "select * from versions where full_name = %s and seq > %s order by seq"
+        out = self._paged(sql, [name, after[1]], limit, lambda r: ("versions", [name, r["seq"]]))
+        if not out and cursor is None:
             raise NotFound(f"no adapter named {name!r} on this hub")
-        return self._versions(rows)
+        return out
+
+    def _paged(self, sql: str, params: list[Any], limit: int | None, key: Any) -> Page[Version]:
+        """One page (all rows without `limit`), its `next_cursor` from the last row's sort key."""
+        if limit is None:
+            return Page(self._versions(self.all(sql, params)))
+        rows = self.all(sql + " limit %s", [*params, limit + 1])
+        out: Page[Version] = Page(self._versions(rows[:limit]))
+        if len(rows) > limit:
+            out.next_cursor = encode_cursor(*key(rows[limit - 1]))
+        return out
 
     def _row(self, full_name: str, version: str) -> dict[str, Any] | None:
         return self.one("select * from versions where full_name = %s and version = %s", [full_name, version])
