@@ -58,7 +58,9 @@ def pg_bindir() -> str | None:
 def _start_cluster() -> str:
     bindir = pg_bindir()
     if bindir is None:
-        raise RuntimeError("PostgreSQL is not installed (run `.ci/services.sh` as root, or set " + PG_ENV + ")")
+        raise RuntimeError(
+            "PostgreSQL is not installed (run `.ci/services.sh` as root, or set " + PG_ENV + ")"
+        )
     tmp = Path(tempfile.mkdtemp(prefix="deltahub-pg-"))
     as_pg: list[str] = []
     if os.geteuid() == 0:
@@ -101,7 +103,9 @@ def pg_server_url() -> str:
                 _state["pg"] = os.environ.get(PG_ENV) or _start_cluster()
             except (RuntimeError, OSError, subprocess.SubprocessError) as e:
                 detail = getattr(e, "stderr", b"") or b""
-                _state["pg"] = RuntimeError(f"cannot start PostgreSQL: {e} {detail.decode(errors='replace')[-300:]}")
+                _state["pg"] = RuntimeError(
+                    f"cannot start PostgreSQL: {e} {detail.decode(errors='replace')[-300:]}"
+                )
     value = _state["pg"]
     if isinstance(value, Exception):
         pytest.skip(f"PostgreSQL unavailable: {value}")
@@ -157,7 +161,11 @@ def s3_endpoint() -> str:
     return str(value)
 
 
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 def fresh_bucket() -> str:

@@ -104,9 +104,7 @@ def test_hf_hub_download_and_snapshot_download_by_digest(
         assert {f: "sha256:" + _hex_of_file(snap / f) for f in v.files} == v.files
 
 
-def test_a_missing_revision_and_file_raise_the_clients_errors(
-    hub: Hub, two: tuple[Version, Version]
-) -> None:
+def test_a_missing_revision_and_file_raise_the_clients_errors(hub: Hub, two: tuple[Version, Version]) -> None:
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
