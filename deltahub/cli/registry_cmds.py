@@ -81,6 +81,9 @@ def _again(command: str, *args: str) -> str:
 @click.option("--license", "license_", help="License identifier, e.g. apache-2.0.")
 @click.option("--metric", "metrics", multiple=True, help="Metric as KEY=NUMBER (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Validate and show what would be stored; store nothing.")
+@click.option(
+    "--check-finite", is_flag=True, help="Scan the weights and refuse a NaN or infinite value in any tensor."
+)
 @json_option
 @handle_errors
 def publish(
@@ -94,6 +97,7 @@ def publish(
     license_: str | None,
     metrics: tuple[str, ...],
     dry_run: bool,
+    check_finite: bool,
     as_json: bool,
 ) -> None:
     """Validate an adapter DIRECTORY (ours or PEFT's) and publish it as a new version.
@@ -129,6 +133,7 @@ def publish(
         base_model=base_model,
         license=license_,
         metrics=parse_key_values(metrics, "--metric"),
+        check_finite=check_finite,
     )
     if same := same_content(registry, v):
         click.echo(

@@ -62,8 +62,12 @@ class Writes(Queries):
         license: str | None = None,
         parents: Iterable[af.Parent | dict[str, str]] | None = None,
         extra: dict[str, Any] | None = None,
+        check_finite: bool = False,
     ) -> Version:
         """Validate an artifact directory and publish it as a new immutable version.
+
+        With `check_finite`, every floating tensor is scanned and a NaN or infinity refuses
+        the publish (`InvalidArtifact` rule `tensor-non-finite`).
 
         Descriptive fields not given here nor in the artifact's own manifest (task,
         description, license, base model) carry over from the adapter's latest version, as
@@ -79,6 +83,10 @@ class Writes(Queries):
                     license=license, extra=extra,
                 )  # fmt: skip
         artifact = path if isinstance(path, af.Artifact) else af.load_dir(path)
+        if check_finite:
+            from deltahub.tensorscan import check_finite as scan_finite
+
+            scan_finite(artifact.weights_path, artifact.tensors)
         check_name(name)
         if version is not None:
             check_version(str(version))
