@@ -24,6 +24,10 @@ def check_config(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> None
     str_or_list(config, "feedforward_modules", required=False)
     if isinstance(config.get("feedforward_modules"), str):  # a regex, matched at load
         check_regex("feedforward_modules", config["feedforward_modules"])
+    targets, ff = config.get("target_modules"), config.get("feedforward_modules")
+    if isinstance(targets, list) and isinstance(ff, list) and not set(ff) <= set(targets):
+        # PEFT's IA3Config refuses it too: a feed-forward module that is not adapted
+        raise bad(f"feedforward_modules {sorted(ff)} must be a subset of target_modules {sorted(targets)}")
     if "fan_in_fan_out" in config and not isinstance(config["fan_in_fan_out"], bool):
         raise bad("fan_in_fan_out must be true or false")
     found = 0
