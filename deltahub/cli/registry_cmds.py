@@ -103,19 +103,24 @@ def publish(
     """Validate an adapter DIRECTORY (ours or PEFT's) and publish it as a new version.
 
     With --dry-run: validate, hash and print what would be stored (version, files, new
-    bytes, versions with the same content), and store nothing.
+    bytes, versions with the same content), and store nothing; with --check-finite too,
+    the scan runs and refuses as the publish would.
     """
     from deltahub.registry.preview import preview_publish, same_content
 
     registry = _registry()
     if dry_run:
-        plan = preview_publish(registry, directory, name, version, tags, base_model=base_model)
+        plan = preview_publish(
+            registry, directory, name, version, tags, base_model=base_model, check_finite=check_finite
+        )
         if as_json:
             print_json(plan)
             return
         what = f"{plan['method']}, {plan['tensors']} tensors"
         click.echo(f"would publish {plan['name']}@{plan['version']} ({what})")
         click.echo(f"  tags: {', '.join(plan['tags'])}; base model: {plan['base_model'] or '(none)'}")
+        if check_finite:
+            click.echo("  every floating tensor is finite")
         for fname, f in plan["files"].items():
             stored = "  (stored already)" if f["stored"] else ""
             click.echo(f"  {fname}  {f['digest'][:19]}  {f['size']:,} bytes{stored}")

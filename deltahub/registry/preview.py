@@ -39,9 +39,18 @@ def preview_publish(
     tags: Sequence[str] = (),
     *,
     base_model: str | None = None,
+    check_finite: bool = False,
 ) -> dict[str, Any]:
-    """What `registry.publish(path, name, version, tags, ...)` would store, as a dict."""
+    """What `registry.publish(path, name, version, tags, ...)` would store, as a dict.
+
+    With `check_finite`, the weights are scanned as `publish(check_finite=True)` scans
+    them, in the same order of checks, so a dry run refuses with the same typed error.
+    """
     artifact = af.load_dir(path)
+    if check_finite:
+        from deltahub.tensorscan import check_finite as scan_finite
+
+        scan_finite(artifact.weights_path, artifact.tensors)
     check_name(name)
     for tag in tags:
         check_tag(tag)
@@ -69,6 +78,7 @@ def preview_publish(
         "method": artifact.method,
         "base_model": recorded_base,
         "tensors": len(artifact.tensors),
+        "checked_finite": check_finite,
         "files": files,
         "bytes_new": sum(d["size"] for d in files.values() if not d["stored"]),
         "same_content_as": [v.ref for v in same],
