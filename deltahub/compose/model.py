@@ -13,6 +13,10 @@ adapter changes is a `Site`: activation compiles the composition at every site a
 installs the result as that module's `forward` (an instance attribute), so switching
 adapters copies no weight, and a deactivated model runs the plain base code.
 
+An adapter loaded from the registry keeps its tensors as views of its blob's memory map
+(`compose.mapped`) unless they need a cast or a move: a thousand resident LoRAs cost the
+pages their forwards touch, not a thousand copies (`load_stats` says what each holds).
+
 `merge(name)` folds a LoRA into the base weights, keeping a copy of each weight it
 changed so that `unmerge` restores the base bit for bit; merges unwind in reverse order.
 On a quantized base merging requantizes (lossy), so it needs `allow_lossy=True` and
@@ -33,6 +37,7 @@ from deltahub import artifact as af
 from deltahub.compose.base import fingerprint_of
 from deltahub.compose.blocks import Block, DeltaFn, Node, as_block, check_composition
 from deltahub.compose.inject import Site, is_bnb_linear
+from deltahub.compose.mapped import LoadStats, read_tensors
 from deltahub.compose.routing import Route, routed_forward
 from deltahub.compose.slots import DEFAULT_SLOTS, SlotBank, SlotTable, gatherable
 from deltahub.errors import AlreadyExists, IncompatibleBase, InvalidConfig, NotFound, Unsupported
@@ -74,6 +79,8 @@ class AdaptedModel(nn.Module):
         # batch gathers; more are paged in least-recently-used first.
         self.routing_slots = DEFAULT_SLOTS
         self._slot_table: SlotTable | None = None
+        # name -> what a loaded adapter holds as views of its blob's map vs copies.
+        self.load_stats: dict[str, LoadStats] = {}
 
     # ------------------------------------------------------------------ pass-through
 
@@ -197,18 +204,21 @@ class AdaptedModel(nn.Module):
                 f"{where} was built for base {manifest.base_model or '?'} with fingerprint {wanted[:19]}..., "
                 f"this base has {self.fingerprint[:19]}...; pass --force (force=True in Python) to load it anyway"
             )
-        from safetensors import safe_open
-
         cls = get_method(artifact.method)
         prepare = getattr(cls, "prepare_load", None)
         if prepare is not None:  # a fusion loads its constituents (pinned by digest) first
             prepare(self, artifact, self.registry)
         # A trained task head rides along under HEAD_PREFIX (deltahub.fusion.head loads it).
         keys = [k for k in artifact.tensors if not k.startswith(HEAD_PREFIX)]
-        with safe_open(str(artifact.weights_path), framework="pt") as f:
-            adapter = cls.from_tensors(self.base, artifact.config, keys, f.get_tensor, name)
+        # A registry blob (digest known) is immutable: its tensors stay views of its map
+        # (`compose.mapped`); a directory's file may be rewritten in place, so it is copied.
+        with read_tensors(artifact.weights_path, map_file=digest is not None) as reader:
+            adapter = cls.from_tensors(self.base, artifact.config, keys, reader.get, name)
+            stats = reader.stats(adapter, getattr(adapter, "kept", None))
         adapter.requires_grad_(False)
-        return self._register(name, adapter, digest)
+        self._register(name, adapter, digest)
+        self.load_stats[name] = stats
+        return name
 
     def save_adapter(self, name: str, directory: str | Path, manifest: af.Manifest | None = None) -> Path:
         """Write the adapter as an artifact directory (for LoRA, one PEFT loads)."""
@@ -241,6 +251,7 @@ class AdaptedModel(nn.Module):
             self._slot_table.forget(name)
         del self.adapter_modules[self._keys.pop(name)]
         del self._adapters[name], self._digests[name]
+        self.load_stats.pop(name, None)
 
     # ------------------------------------------------------------------ activation
 

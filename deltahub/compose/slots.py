@@ -27,9 +27,9 @@ Which adapter occupies which slot is decided once per forward, for the whole mod
 by `SlotTable` (the same slot at every site): an adapter used by the batch that is not
 in a slot is paged in (its factors copied into that slot at each site; nothing is
 reallocated), evicting the least recently used adapter not in the batch. Resident
-adapters beyond the slots stay where they are (their own parameters, on CPU or
-mmapped from the artifact) until a batch needs them, so thousands can be resident
-with `capacity` slots. A batch with more distinct adapters than slots runs the
+adapters beyond the slots stay where they are (their own parameters: for one loaded from
+the registry, views of its blob's memory map, `compose.mapped`, which paging in reads)
+until a batch needs them, so thousands can be resident with `capacity` slots. A batch with more distinct adapters than slots runs the
 overflow through the per-adapter path (same results, a loop).
 
 A bank's slot dimension is allocated on demand, doubling up to `capacity` (so a model
