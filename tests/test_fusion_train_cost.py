@@ -1,7 +1,7 @@
-"""Fusion training picks by cost between folding Q^T K W_n, V W_n at every step and the
-direct formula (`deltahub.fusion.layer._direct_pays`); both give the same output and the
-same gradients, and with nothing to train the folded matrices are cached even under
-autograd."""
+"""Fusion training picks by cost, per half (scores, values), between folding Q^T K W_n,
+V W_n at every step and going through q = Q h and V (sum_n s_n z_n)
+(`deltahub.fusion.layer._train_plan`); every plan gives the same output and gradients,
+and with nothing to train the folded matrices are cached even under autograd."""
 
 from __future__ import annotations
 
@@ -36,23 +36,21 @@ def _run(layer: FusionLayer, parts: list[Part], x: torch.Tensor) -> tuple[torch.
     return out.detach(), [p.grad.clone() for p in layer.parameters()]
 
 
-def test_few_tokens_go_direct_and_equal_the_folded_step(monkeypatch):
+def test_few_tokens_do_not_fold_and_equal_the_folded_step(monkeypatch):
     layer, parts, x = _setup(tokens=2)
-    a = [p.a(x, x, x, None) for p in parts]
-    assert fl._direct_pays(x, a, parts, 24)  # 2 tokens: (1 + 2N) d^2 per token < 3 d^2 R
-    direct, g_direct = _run(layer, parts, x)
-    monkeypatch.setattr(fl, "_direct_pays", lambda *_: False)
+    assert fl._train_plan(x, [3, 5, 4], 24) == ("query", "direct")  # 2 tokens: folding costs more
+    unfolded, g_unfolded = _run(layer, parts, x)
+    monkeypatch.setattr(fl, "_train_plan", lambda *_: ("fold", "fold"))
     folded, g_folded = _run(layer, parts, x)
     scale = float(folded.abs().max())
-    assert (direct - folded).abs().max().item() <= TOL * scale
-    for gd, gf in zip(g_direct, g_folded, strict=True):
+    assert (unfolded - folded).abs().max().item() <= TOL * scale
+    for gd, gf in zip(g_unfolded, g_folded, strict=True):
         assert (gd - gf).abs().max().item() <= TOL * max(1.0, float(gf.abs().max()))
 
 
 def test_a_large_batch_folds():
-    _, parts, x = _setup(tokens=512)
-    a = [p.a(x, x, x, None) for p in parts]
-    assert not fl._direct_pays(x, a, parts, 24)
+    _, _parts, x = _setup(tokens=512)
+    assert fl._train_plan(x, [3, 5, 4], 24) == ("fold", "fold")
 
 
 def test_frozen_fusion_caches_its_folded_matrices_under_autograd(monkeypatch):
@@ -60,7 +58,7 @@ def test_frozen_fusion_caches_its_folded_matrices_under_autograd(monkeypatch):
     layer.requires_grad_(False)
     calls = []
     make = FusionLayer._folded_weights
-    monkeypatch.setattr(FusionLayer, "_folded_weights", lambda self, p: calls.append(1) or make(self, p))
+    monkeypatch.setattr(FusionLayer, "_folded_weights", lambda self, *a: calls.append(1) or make(self, *a))
     fn = layer.bind(parts, ["a", "b", "c"])
     first = fn(x, x, x, 1.0, None)
     again = fn(x, x, x, 1.0, None)
@@ -74,7 +72,7 @@ def test_binding_again_reuses_the_folded_matrices(monkeypatch):
     layer, parts, x = _setup(tokens=8)
     calls = []
     make = FusionLayer._folded_weights
-    monkeypatch.setattr(FusionLayer, "_folded_weights", lambda self, p: calls.append(1) or make(self, p))
+    monkeypatch.setattr(FusionLayer, "_folded_weights", lambda self, *a: calls.append(1) or make(self, *a))
     with torch.no_grad():
         first = layer.bind(parts, ["a", "b", "c"])(x, x, x, 1.0, None)
         again = layer.bind(parts, ["a", "b", "c"])(x, x, x, 1.0, None)  # re-activation

@@ -34,7 +34,7 @@ z_n = W_n a_n + c_n with W_n = s_n W_up, a_n = act(W_down h_n + b_down), c_n = s
 for a bottleneck adapter, and W_n = s_n B_n, a_n = A_n x, c_n = 0 for LoRA.
 
 Folded computation. Evaluating the formula directly costs (1 + 2N) d^2 per token: every
-z_n goes through K and V. Instead, once per forward (per optimizer step in training),
+z_n goes through K and V. Instead, once (cached while nothing changes them),
 
     G_n = Q^T (K W_n)  (d, r_n)      g_n = Q^T K c_n  (d,)
     r_n = (K W_n)^T b_Q  (r_n,)      e_n = b_Q . K c_n
@@ -46,8 +46,18 @@ and then per token
     out     = sum_n s_n (U_n a_n + u_n) = [s_1 a_1, ..., s_N a_N, s] @ [U_1 ... U_N u_1 ... u_N]^T
 
 so the per-token cost is O(d * sum_n r_n): it grows with the adapters' rank or
-bottleneck width, never with d x d. `FusionLayer.direct` is the formula as written, kept
-as the reference the tests compare against.
+bottleneck width, never with d x d. For serial bottlenecks, which all read the query h,
+a site runs exactly 3 GEMMs per token: one on h for [W_down | G_n^T | g_n^T] (their
+down-projections and the scores' factors together), one for the values, and the
+softmax and segment sums between (`Folded`, `FusionLayer._run`): 3 d R multiply-adds per
+token, R = sum_n r_n, which is the floor of any exact computation (each of the three is a
+generic d x R map). `FusionLayer.direct` is the formula as written, kept as the
+reference the tests compare against.
+
+In training nothing is cached (Q, K, V change every step), and folding costs O(d^2 R)
+per step, which for many adapters exceeds what it saves per token; each half (scores,
+values) then folds or goes through q = Q h and V (sum_n s_n z_n) by cost
+(`_train_plan`). Every association is the same exact formula.
 
 An adapter the fusion cannot see inside (DoRA, a nested block) enters with W_n = I and
 a_n = z_n, which is the direct formula for that adapter.
@@ -179,14 +189,29 @@ def part_of(fn: DeltaFn) -> Part:
 
 @dataclass
 class Folded:
-    """The per-step matrices of the folded computation (R = sum of the adapters' widths)."""
+    """What the output-side computation uses at one step (cached while nothing trains).
 
-    G: Tensor  # (d, R + N): [Q^T K W_n]_n then [Q^T K c_n]_n
-    rv: Tensor  # (R,): (K W_n)^T b_Q
-    e: Tensor  # (N,): b_Q . K c_n
-    U: Tensor  # (d, R + N): [V W_n]_n then [V c_n]_n
+    R = sum of the adapters' widths, N their number, WC = [W_1 .. W_N | c_1 .. c_N]
+    (d, R + N). Per token the site runs one GEMM on the query h, P = h Pw^T + Pb, whose
+    columns are [W_down h + b_down (the first `down` = R, serial bottlenecks)] then
+
+    - scores "fold": [h^T G_n + r_n]_n (R) and [h . g_n + e_n]_n (N), i.e. Pw holds
+      (K WC)^T Q and Pb (K WC)^T b_Q;
+    - scores "query": q = Q h + b_Q (d); the bilinear factors are then (q K) WC.
+
+    and the values are w = [s_n a_n ..., s_1 .. s_N] (R + N) times U^T, U = V WC (d, R + N)
+    ("fold"), or (w WC^T) V^T ("direct": never forms V WC).
+    """
+
+    Pw: Tensor  # (down + R + N, d) or (down + d, d)
+    Pb: Tensor
     M: Tensor  # (R, N): 0/1, sums each adapter's columns into its score
-    down: tuple[Tensor, Tensor] | None  # serial bottlenecks' W_down, b_down stacked: (R, d), (R,)
+    width: int | None  # every adapter's width when they are equal: segment sums by reshape
+    down: int  # R when P starts with the down-projections, else 0
+    K: Tensor | None = None  # scores "query": the key matrix
+    WC: Tensor | None = None  # scores "query" or values "direct": (d, R + N)
+    U: Tensor | None = None  # values "fold": V WC (d, R + N)
+    V: Tensor | None = None  # values "direct": the value matrix
 
 
 @dataclass
@@ -258,42 +283,49 @@ class FusionLayer(SiteDelta):
 
     # ------------------------------------------------------------------ folded
 
-    def _folded_weights(self, parts: list[Part]) -> Folded:
-        Q, bq = self.fusion_query.weight, self.fusion_query.bias
-        K, V = self.fusion_key.weight, self.fusion_value.weight
-        KWs, Us, sizes, gc, uc, ec = [], [], [], [], [], []
+    def _stacked(self, parts: list[Part]) -> tuple[Tensor, list[int]]:
+        """WC = [W_1 .. W_N | c_1 .. c_N] (d, R + N) and the widths r_n (W_n = I for an
+        adapter seen from outside, c_n = 0 where it has none)."""
+        K = self.fusion_key.weight
+        Ws, cs, sizes = [], [], []
         for p in parts:
             W, c = p.affine()
-            if W is None:  # opaque: a_n is z_n itself, W_n = I
-                KWs.append(K)
-                Us.append(V)
-                sizes.append(self.d)
-            else:
-                W = W.to(K.dtype)  # (d, r)
-                KWs.append(K @ W)
-                Us.append(V @ W)
-                sizes.append(W.shape[1])
-            if c is None:
-                gc.append(bq.new_zeros(self.d))
-                uc.append(bq.new_zeros(self.d))
-                ec.append(bq.new_zeros(()))
-            else:
-                Kc = K @ c.to(K.dtype)  # (d,)
-                gc.append(Q.t() @ Kc)
-                uc.append(V @ c.to(K.dtype))
-                ec.append(bq @ Kc)
-        KW = torch.cat(KWs, dim=1)  # (d, R)
-        G = torch.cat([Q.t() @ KW, torch.stack(gc, dim=1)], dim=1)  # (d, R + N)
-        U = torch.cat([*Us, torch.stack(uc, dim=1)], dim=1)  # (d, R + N)
-        M = _member_matrix(sizes, K)
-        down = None
-        if all(p.down is not None and p.act is parts[0].act for p in parts):
-            # Serial bottlenecks all read y_cur: one matmul for every down-projection.
-            down = (
-                torch.cat([p.down.weight for p in parts], dim=0),  # type: ignore[union-attr]
-                torch.cat([p.down.bias for p in parts], dim=0),  # type: ignore[union-attr]
-            )
-        return Folded(G, KW.t() @ bq, torch.stack(ec), U, M, down)
+            W = torch.eye(self.d, dtype=K.dtype, device=K.device) if W is None else W.to(K.dtype)
+            Ws.append(W)
+            sizes.append(W.shape[1])
+            cs.append(K.new_zeros(self.d) if c is None else c.to(K.dtype))
+        return torch.cat([*Ws, torch.stack(cs, dim=1)], dim=1), sizes
+
+    def _folded_weights(
+        self, parts: list[Part], down: bool = False, scores: str = "fold", values: str = "fold"
+    ) -> Folded:
+        """The matrices of `Folded` for `parts`; `down` stacks the bottlenecks' W_down in front."""
+        Q, bq = self.fusion_query.weight, self.fusion_query.bias
+        K, V = self.fusion_key.weight, self.fusion_value.weight
+        WC, sizes = self._stacked(parts)
+        rows, bias = [], []
+        if down:  # serial bottlenecks all read the query: one GEMM gives every a_n's input
+            rows += [p.down.weight.to(K.dtype) for p in parts]  # type: ignore[union-attr]
+            bias += [p.down.bias.to(K.dtype) for p in parts]  # type: ignore[union-attr]
+        if scores == "fold":
+            KWC = K @ WC  # (d, R + N)
+            rows.append(KWC.t() @ Q)  # (R + N, d): [G_n^T]_n then [g_n^T]_n
+            bias.append(KWC.t() @ bq)  # [r_n]_n then [e_n]_n
+        else:
+            rows.append(Q)
+            bias.append(bq)
+        width = sizes[0] if all(r == sizes[0] for r in sizes) else None
+        return Folded(
+            torch.cat(rows, dim=0) if len(rows) > 1 else rows[0],
+            torch.cat(bias, dim=0) if len(bias) > 1 else bias[0],
+            _member_matrix(sizes, K),
+            width,
+            sum(sizes) if down else 0,
+            K=K if scores == "query" else None,
+            WC=WC if scores == "query" or values == "direct" else None,
+            U=V @ WC if values == "fold" else None,
+            V=V if values == "direct" else None,
+        )
 
     def _folded_input_weights(self, parts: list[Part]) -> FoldedInput:
         Q, bq = self.fusion_query.weight, self.fusion_query.bias
@@ -324,21 +356,60 @@ class FusionLayer(SiteDelta):
         a: list[Tensor] | None,
         key: Any = None,
         cache: dict[str, Any] | None = None,
+        plan: tuple[str, str] = ("fold", "fold"),
     ) -> tuple[Tensor, Tensor]:
         """The same as `direct` on z_n = W_n a_n + c_n, at O(d R) per token; returns (out, s).
 
-        `a` holds each a_n; None computes them here (serial bottlenecks, in one matmul).
+        `a` holds each a_n; None computes them here (serial bottlenecks, in the same GEMM as
+        the scores). `plan` (scores, values): "fold" or "query" / "direct" (see `Folded`);
+        only ("fold", "fold") is cached.
         """
-        f = self._cached(cache, key, lambda: self._folded_weights(parts))
-        R = f.M.shape[0]
-        if a is None:
-            A = parts[0].act(F.linear(h, *f.down))  # type: ignore[misc]  # (..., R)
+        down = a is None
+        if plan == ("fold", "fold"):
+            f = self._cached(cache, key, lambda: self._folded_weights(parts, down))
         else:
-            A = torch.cat([a_n.to(h.dtype) for a_n in a], dim=-1) if len(a) > 1 else a[0].to(h.dtype)
-        HG = h @ f.G  # (..., R + N)
-        scores = ((HG[..., :R] + f.rv) * A) @ f.M + HG[..., R:] + f.e  # (..., N): q . k_n
-        s = torch.softmax(scores / self.temperature, dim=-1)  # (..., N)
-        out = torch.cat([A * (s @ f.M.t()), s], dim=-1) @ f.U.t()  # (..., d): sum_n s_n V z_n
+            f = self._folded_weights(parts, down, *plan)
+        return self._run(f, h, parts, a)
+
+    def _run(self, f: Folded, h: Tensor, parts: list[Part], a: list[Tensor] | None) -> tuple[Tensor, Tensor]:
+        """Per token: one GEMM on h, the scores, softmax, one (or two) GEMMs for the values."""
+        R, N = f.M.shape
+        h = h if h.dtype == f.Pw.dtype else h.to(f.Pw.dtype)
+        P = F.linear(h, f.Pw, f.Pb)  # (..., down + R + N) or (..., down + d)
+        if f.down:
+            A = parts[0].act(P[..., :R])  # type: ignore[misc]  # (..., R): every a_n
+            rest = P[..., R:]
+        else:
+            A = torch.cat([a_n.to(h.dtype) for a_n in a], dim=-1) if len(a) > 1 else a[0].to(h.dtype)  # type: ignore[arg-type,index]
+            rest = P
+        HG = rest if f.K is None else (rest @ f.K) @ f.WC  # (..., R + N): q^T K [W_n a_n + c_n]
+        grad = torch.is_grad_enabled() and (HG.requires_grad or A.requires_grad)
+        t = HG[..., :R] * A if grad else HG[..., :R].mul_(A)  # (..., R)
+        if f.width is not None:
+            scores = t.unflatten(-1, (N, f.width)).sum(-1) + HG[..., R:]  # (..., N): q . k_n
+        else:
+            scores = t @ f.M + HG[..., R:]
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        s = torch.softmax(scores, dim=-1)  # (..., N)
+        if grad:
+            sa = (
+                (A.unflatten(-1, (N, f.width)) * s.unsqueeze(-1)).flatten(-2)
+                if f.width
+                else A * (s @ f.M.t())
+            )
+            w = torch.cat([sa, s], dim=-1)  # (..., R + N): [s_n a_n]_n, s
+        else:  # written in place into one buffer: no cat
+            w = A.new_empty(*A.shape[:-1], R + N)
+            if f.width is not None:
+                torch.mul(
+                    A.unflatten(-1, (N, f.width)), s.unsqueeze(-1), out=w[..., :R].unflatten(-1, (N, f.width))
+                )
+            else:
+                torch.mul(A, s @ f.M.t(), out=w[..., :R])
+            w[..., R:] = s
+        # (..., d): sum_n s_n V z_n, as U w or as V (sum_n s_n z_n)
+        out = F.linear(w, f.U) if f.U is not None else F.linear(F.linear(w, f.WC), f.V)  # type: ignore[arg-type]
         return out, s
 
     def folded_input(
@@ -385,6 +456,7 @@ class FusionLayer(SiteDelta):
         # every a_n. Otherwise (LoRA, mixed inputs) the query is the module's output.
         shared = all(p.query is not None and p.reads == parts[0].reads for p in parts)
         fast = shared and all(p.down is not None and p.act is parts[0].act for p in parts)
+        sizes = [self.d if W is None else int(W.shape[1]) for W in (p.affine()[0] for p in parts)]
 
         def delta(x: Tensor, y_base: Tensor, y_cur: Tensor, scale: float, rows: Any) -> Tensor:
             h = parts[0].query(x, y_cur, rows) if shared else y_cur  # type: ignore[misc]
@@ -395,11 +467,8 @@ class FusionLayer(SiteDelta):
                 )
             a = None if fast else [p.a(x, y_base, y_cur, rows) for p in parts]
             key = _cache_key(key_tensors, self)
-            if key is None and _direct_pays(h, a, parts, self.d):
-                a = a if a is not None else [p.a(x, y_base, y_cur, rows) for p in parts]
-                out, s = self.direct(h, [_z_of(p, a_n, h.dtype) for p, a_n in zip(parts, a, strict=True)])
-            else:
-                out, s = self.folded(h, parts, a, key, cache)
+            plan = ("fold", "fold") if key is not None else _train_plan(h, sizes, self.d)
+            out, s = self.folded(h, parts, a, key, cache, plan)
             if sink.record:
                 sink.last_attention, sink.last_names = s.detach(), names
             return out * scale if scale != 1.0 else out
@@ -445,29 +514,26 @@ def _cache_key(tensors: list[Tensor], layer: FusionLayer) -> Any:
     return tuple((id(t), t._version) for t in every)
 
 
-def _direct_pays(h: Tensor, a: list[Tensor] | None, parts: list[Part], d: int) -> bool:
-    """Under training, whether the direct formula costs fewer multiply-adds than folding.
+def _train_plan(h: Tensor, sizes: list[int], d: int) -> tuple[str, str]:
+    """While something trains (no cache): per half of the computation, folding or not,
+    whichever costs fewer multiply-adds for this batch, forward plus backward.
 
-    Folding costs 3 d^2 R per step (Q^T K W_n, V W_n; R = sum of the adapters' widths)
-    plus ~2 d (R + N) per token; the direct formula (1 + 2N) d^2 + d R per token. So
-    folding pays from about 3 R / (2N) tokens on (a batch of 16 x 128 tokens folds; a
-    few tokens, e.g. one decoding step, go direct). Backward costs scale alike.
+    With T tokens and R' = R + N (R = sum of the adapters' widths), the Q, K, V gradients
+    included and the adapters frozen:
+
+    - scores, folded: (K WC)^T Q (2 d^2 R' forward, 3 d^2 R' backward) and T d R' per
+      token (3 T d R' with its backward); through the query, (q K) WC: 6 T d^2 + 2 T d R'.
+    - values, folded: V WC (d^2 R' forward and backward) and 3 T d R'; direct,
+      V (WC w): 3 T d^2 + 2 T d R'.
+
+    So folding pays below R' of about 6 T d / (5 d + T) for the scores and 3 T d / (2 d + T)
+    for the values: on bert-base with 256 tokens, up to about 5 and 7 Pfeiffer adapters.
     """
-    if any(p.affine()[0] is None for p in parts):
-        return False  # opaque adapters: both forms are the same work
-    n = len(parts)
-    R = sum(a_n.shape[-1] for a_n in a) if a is not None else sum(p.down.weight.shape[0] for p in parts)  # type: ignore[union-attr]
-    tokens = h.numel() // max(1, h.shape[-1])
-    folded = 3 * d * d * R + tokens * 2 * d * (R + n)
-    direct = tokens * ((1 + 2 * n) * d * d + d * R)
-    return direct < folded
-
-
-def _z_of(p: Part, a_n: Tensor, dtype: torch.dtype) -> Tensor:
-    """z_n = W_n a_n + c_n (what adapter n writes at the site)."""
-    W, c = p.affine()
-    z = F.linear(a_n.to(dtype), W.to(dtype))  # type: ignore[union-attr]
-    return z if c is None else z + c.to(dtype)
+    T = h.numel() // max(1, h.shape[-1])
+    Rp = sum(sizes) + len(sizes)
+    scores = "fold" if 5 * d * d * Rp + 3 * T * d * Rp <= 6 * T * d * d + 2 * T * d * Rp else "query"
+    values = "fold" if 2 * d * d * Rp + 3 * T * d * Rp <= 3 * T * d * d + 2 * T * d * Rp else "direct"
+    return scores, values
 
 
 class LayerSite(SiteDelta):
