@@ -13,7 +13,18 @@ non-zero weights, frozen, fused (deltahub: per-layer fusion, the default):
 
 - forward: the bare base vs the base with the fusion active, no grad, eval mode;
 - one fusion training step (the adapters and the base frozen): forward, loss, backward,
-  AdamW.
+  AdamW;
+- "floor": the frozen bare base's forward (train mode, as the steps) plus its backward
+  down to the first fusion site (layer 0's FFN output; input gradients only, no weight
+  gradients). Any exact fusion step pays at least this to reach layer 0's fusion
+  parameters, so a step <= 0.5x AdapterHub's is attainable only where AdapterHub's step /
+  floor >= 2.
+
+The forward's floor is arithmetic (printed per N): an exact Fuse(N) forward needs at each
+site the N down-projections (d x R), the scores' bilinear factors (d x R, Q^T K folded
+into the up-projections) and the values (d x R, V folded in), 3 d R multiply-adds per
+token (R = 48 N here), against the base's 12 d^2 + 2 T d per token and layer (Q, K, V,
+O: 4 d^2; FFN: 8 d^2; attention scores and mix: 2 T d).
 
 Each library works on its own copy of the same base. For each N every variant is timed
 once per round, rounds interleaved (order reversed every other round); figures are
@@ -25,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import os
 import statistics
 import sys
@@ -134,11 +146,24 @@ def variants_of(lib: str, base: Any, n: int, ids: Any, mask: Any) -> tuple[dict[
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    def floor() -> None:
+        # The frozen base, forward and backward down to layer 0's FFN output (the first
+        # fusion site): that output becomes a leaf, so no gradient goes further down.
+        site = model.encoder.layer[0].output.dense
+        hook = site.register_forward_hook(lambda m, i, out: out.detach().requires_grad_(True))
+        try:
+            out = runner(input_ids=ids, attention_mask=mask).last_hidden_state
+            out.float().pow(2).mean().backward()
+        finally:
+            hook.remove()
+
     variants = {
         f"{lib}:base": (prepare(False, False), forward),
         f"{lib}:fuse": (prepare(True, False), forward),
         f"{lib}:step": (prepare(True, True), step),
     }
+    if lib == "deltahub":
+        variants["floor"] = (prepare(False, True), floor)
     return variants, sum(p.numel() for p in fusion_params)
 
 
@@ -154,6 +179,7 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()  # adapters' "none are activated" on the bare-base forward
+    logging.getLogger("adapters").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
     print(f"load average before: {os.getloadavg()}")
     print(
@@ -164,11 +190,13 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1000, 20000, (args.batch, args.seq), generator=g)
     mask = torch.ones_like(ids)
+    d, layer_macs = 768, 12 * 768 * 768 + 2 * args.seq * 768  # per token and layer
     print(
-        "\n| N | deltahub Fuse fwd overhead, CPU (wall) | adapters Fuse fwd overhead, CPU (wall) | "
-        "step deltahub / adapters, CPU (wall) | step s, deltahub / adapters (CPU) | fusion params, deltahub / adapters |"
+        "\n| N | forward floor (MACs) | deltahub Fuse fwd overhead, CPU (wall) | adapters Fuse fwd overhead, CPU (wall) | "
+        "step deltahub / adapters, CPU (wall) | step s, deltahub / adapters / floor (CPU) | "
+        "adapters step / floor, CPU (wall) | deltahub step / floor, CPU | fusion params, deltahub / adapters |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n in [int(v) for v in args.ns.split(",")]:
         ours, p_ours = variants_of("deltahub", base, n, ids, mask)
         theirs, p_theirs = variants_of("adapters", base, n, ids, mask)
@@ -193,11 +221,16 @@ def main() -> None:
         oc, ow = paired("deltahub:fuse", "deltahub:base")
         ac, aw = paired("adapters:fuse", "adapters:base")
         sc, sw = paired("deltahub:step", "adapters:step")
+        fc, fw = paired("adapters:step", "floor")
+        dc, _ = paired("deltahub:step", "floor")
         so = statistics.median(t[0] for t in times["deltahub:step"])
         sa = statistics.median(t[0] for t in times["adapters:step"])
+        sf = statistics.median(t[0] for t in times["floor"])
+        floor_fwd = 3 * d * 48 * n / layer_macs
         print(
-            f"| {n} | {100 * (oc - 1):+.0f}% ({100 * (ow - 1):+.0f}%) | {100 * (ac - 1):+.0f}% ({100 * (aw - 1):+.0f}%) | "
-            f"{sc:.2f}x ({sw:.2f}x) | {so:.2f} / {sa:.2f} | {p_ours:,} / {p_theirs:,} |",
+            f"| {n} | {100 * floor_fwd:+.1f}% | {100 * (oc - 1):+.0f}% ({100 * (ow - 1):+.0f}%) | "
+            f"{100 * (ac - 1):+.0f}% ({100 * (aw - 1):+.0f}%) | {sc:.2f}x ({sw:.2f}x) | {so:.2f} / {sa:.2f} / {sf:.2f} | "
+            f"{fc:.2f}x ({fw:.2f}x) | {dc:.2f}x | {p_ours:,} / {p_theirs:,} |",
             flush=True,
         )
         del ours, theirs, variants
