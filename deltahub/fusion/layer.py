@@ -207,7 +207,8 @@ class Folded:
     Pb: Tensor
     M: Tensor  # (R, N): 0/1, sums each adapter's columns into its score
     width: int | None  # every adapter's width when they are equal: segment sums by reshape
-    down: int  # R when P starts with the down-projections, else 0
+    down: int  # R when the a_n come from stacked down-projections (in P, or `separate`), else 0
+    separate: tuple[Tensor, Tensor] | None = None  # the stacked W_down, b_down when not in P
     K: Tensor | None = None  # scores "query": the key matrix
     WC: Tensor | None = None  # scores "query" or values "direct": (d, R + N)
     U: Tensor | None = None  # values "fold": V WC (d, R + N)
@@ -315,12 +316,19 @@ class FusionLayer(SiteDelta):
             rows.append(Q)
             bias.append(bq)
         width = sizes[0] if all(r == sizes[0] for r in sizes) else None
+        separate = None
+        if down and rows[-1].requires_grad and not any(r.requires_grad for r in rows[:-1]):
+            # Training the fusion: a stacked matrix would get a gradient for the frozen
+            # W_down rows too (T d R wasted per step); two GEMMs on h cost the same forward.
+            separate = (torch.cat(rows[:-1], dim=0), torch.cat(bias[:-1], dim=0))
+            rows, bias = rows[-1:], bias[-1:]
         return Folded(
             torch.cat(rows, dim=0) if len(rows) > 1 else rows[0],
             torch.cat(bias, dim=0) if len(bias) > 1 else bias[0],
             _member_matrix(sizes, K),
             width,
             sum(sizes) if down else 0,
+            separate,
             K=K if scores == "query" else None,
             WC=WC if scores == "query" or values == "direct" else None,
             U=V @ WC if values == "fold" else None,
@@ -376,8 +384,11 @@ class FusionLayer(SiteDelta):
         R, N = f.M.shape
         h = h if h.dtype == f.Pw.dtype else h.to(f.Pw.dtype)
         P = F.linear(h, f.Pw, f.Pb)  # (..., down + R + N) or (..., down + d)
-        if f.down:
-            A = parts[0].act(P[..., :R])  # type: ignore[misc]  # (..., R): every a_n
+        if f.separate is not None:
+            A = parts[0].act(F.linear(h, *f.separate))  # type: ignore[misc]  # (..., R): every a_n
+            rest = P
+        elif f.down:
+            A = parts[0].act(P[..., :R])  # type: ignore[misc]
             rest = P[..., R:]
         else:
             A = torch.cat([a_n.to(h.dtype) for a_n in a], dim=-1) if len(a) > 1 else a[0].to(h.dtype)  # type: ignore[arg-type,index]
