@@ -74,6 +74,24 @@ def med_ms(times: dict[str, list[tuple[float, float]]], k: str) -> str:
     return f"{statistics.median(t[0] for t in times[k]) * 1e3:.0f} / {statistics.median(t[1] for t in times[k]) * 1e3:.0f}"
 
 
+def lora_mac_share(base: torch.nn.Module, r: int, seq: int) -> tuple[float, float]:
+    """LoRA's multiply-adds per token as a fraction of the base's: (of the base's linear
+    layers, of linear layers + attention scores and values at `seq` tokens, causal).
+
+    The floor of any unmerged LoRA forward is 1 + this, reached only if the LoRA's skinny
+    matmuls ran as efficiently as the base's wide ones.
+    """
+    linear = lora = 0
+    for name, m in base.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            linear += m.in_features * m.out_features
+            if name.rsplit(".", 1)[-1] in TARGETS:
+                lora += r * (m.in_features + m.out_features)
+    cfg = base.config
+    attention = cfg.num_hidden_layers * 2 * cfg.hidden_size * (seq + 1) / 2  # QK^T and PV, causal mean
+    return lora / linear, lora / (linear + attention)
+
+
 def kernel_bench(rounds: int, ks: list[int]) -> None:
     """One 512 -> 512 site, r=16, 64 rows x 8 tokens: gathered vs per-adapter loop."""
     from deltahub.compose.slots import SlotBank, gathered_delta
@@ -200,6 +218,11 @@ def main() -> None:
         for k, label in (("ours", "deltahub"), ("peft", "PEFT")):
             cpu, wall = paired(t1, k, "base")
             print(f"| {label} | {med_ms(t1, k)} | {cpu:.3f}x | {wall:.3f}x |")
+        lin, full = lora_mac_share(ours_base, 16, 128)
+        print(
+            f"LoRA multiply-adds / the base's: {lin:.2%} of its linear layers, {full:.2%} with attention "
+            f"(the floor of an unmerged forward: {1 + full:.3f}x)"
+        )
 
     # ---- 2. per-row routing, 64 rows
     if "2" not in args.sections:
