@@ -5,9 +5,12 @@ take: JSON Lines (one object a line, or one JSON string a line), CSV with a head
 (`.csv`), or plain text (one input a line); blank lines are skipped. `"-"` reads stdin.
 
 `evaluate(loaded, rows)` predicts every row in batches and compares with its label:
-accuracy for classification (the label matches the predicted label's name, or its index
-when the label is an integer), exact match for generation (stripped text). An encoder
-without a head has nothing to score and is refused.
+accuracy for single-label classification (the label matches the predicted label's name,
+or its index when the label is an integer), exact match for generation (stripped text);
+for a regression head MSE, MAE, Pearson and Spearman (the label a number, or a list of
+num_labels numbers); for a multi-label head micro- and macro-F1 and exact-match accuracy
+(the label a list of label names, or a comma-separated string). `deltahub.training.metrics`
+computes them. An encoder without a head has nothing to score and is refused.
 """
 
 from __future__ import annotations
@@ -72,16 +75,27 @@ def texts_of(rows: Sequence[dict[str, Any]], text_column: str = "text") -> list[
 
 @dataclass
 class EvalReport:
-    """What `evaluate` measured: the metric, how many rows, and each row's answer."""
+    """What `evaluate` measured: the main metric and its value, every metric (`metrics`),
+    how many rows, how many were right (None for regression), and each row's answer."""
 
     metric: str
     value: float
     rows: int
-    correct: int
+    correct: int | None
     answers: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    metrics: dict[str, Any] = field(default_factory=dict)  # name -> float, None where undefined
+    problem_type: str | None = None
+
+    def __post_init__(self) -> None:
+        self.metrics = self.metrics or {self.metric: self.value}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"metric": self.metric, "value": self.value, "rows": self.rows, "correct": self.correct}
+        out = {"metric": self.metric, "value": self.value, "rows": self.rows, "correct": self.correct}
+        return {
+            **out,
+            "metrics": self.metrics,
+            **({"problem_type": self.problem_type} if self.problem_type else {}),
+        }
 
 
 def _matches(answer: dict[str, Any], gold: Any) -> bool:
@@ -100,8 +114,11 @@ def evaluate(
     label_column: str = "label",
     batch_size: int = 32,
     max_new_tokens: int = 20,
+    threshold: float = 0.5,
+    problem_type: str | None = None,
 ) -> EvalReport:
-    """Score `loaded` (`inference.load`'s result) on labelled `rows`."""
+    """Score `loaded` (`inference.load`'s result) on labelled `rows`; `threshold` and
+    `problem_type` as `predict` takes them."""
     from deltahub.training.inference import predict
 
     if not rows:
@@ -116,6 +133,8 @@ def evaluate(
         head_ref=loaded.refs[0] if loaded.refs else None,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
+        threshold=threshold,
+        problem_type=problem_type,
     )
     kind = answers[0]["kind"]
     if kind == "embedding":
@@ -123,6 +142,61 @@ def evaluate(
             "this base and adapter give embeddings, not labels: eval scores a classifier "
             "(an adapter trained for classification, or a ...ForSequenceClassification base) or a causal LM"
         )
-    correct = sum(_matches(a, row[label_column]) for a, row in zip(answers, rows, strict=True))
+    gold = [row[label_column] for row in rows]
+    if kind == "regression":
+        return _regression_report(answers, gold)
+    if kind == "multi-label":
+        return _multi_label_report(answers, gold)
+    correct = sum(_matches(a, g) for a, g in zip(answers, gold, strict=True))
     metric = "exact_match" if kind == "generation" else "accuracy"
     return EvalReport(metric, correct / len(rows), len(rows), correct, answers)
+
+
+def _regression_report(answers: list[dict[str, Any]], gold: list[Any]) -> EvalReport:
+    from deltahub.training.metrics import regression_metrics
+
+    width = len(answers[0]["values"])
+    targets = []
+    for n, value in enumerate(gold, 1):
+        values = value if isinstance(value, list) else [value]
+        try:
+            numbers = [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise InvalidConfig(f"row {n}: label {value!r} is not a number (a regression head)") from None
+        if len(numbers) != width:
+            raise InvalidConfig(f"row {n}: {len(numbers)} label values for a head with {width} outputs")
+        targets.append(numbers)
+    metrics = regression_metrics([a["values"] for a in answers], targets)
+    return EvalReport(
+        "mse", metrics["mse"], len(gold), None, answers, metrics=metrics, problem_type="regression"
+    )
+
+
+def _multi_label_report(answers: list[dict[str, Any]], gold: list[Any]) -> EvalReport:
+    from deltahub.training.data import label_list
+    from deltahub.training.metrics import multi_label_metrics
+
+    names = list(answers[0]["probabilities"])  # in label order
+    truth = []
+    for n, value in enumerate(gold, 1):
+        hot = [False] * len(names)
+        for label in label_list(value):
+            if str(label) in names:
+                hot[names.index(str(label))] = True
+            elif isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(names):
+                hot[label] = True
+            else:
+                raise InvalidConfig(f"row {n}: label {label!r} is not one of the head's labels {names}")
+        truth.append(hot)
+    predicted = [[i in a["label_ids"] for i in range(len(names))] for a in answers]
+    metrics = multi_label_metrics(predicted, truth)
+    exact = sum(p == t for p, t in zip(predicted, truth, strict=True))
+    return EvalReport(
+        "f1_micro",
+        metrics["f1_micro"],
+        len(gold),
+        exact,
+        answers,
+        metrics=metrics,
+        problem_type="multi-label",
+    )

@@ -7,10 +7,21 @@ in this order:
   generate): greedy generation of `max_new_tokens`, one text at a time (a left-padded
   batch would move the positions of some architectures, so answers could differ);
 - a trained task head stored with adapter `head_ref` (`deltahub train` / `fuse` for
-  classification, `deltahub.training.head`): its label over the pooled last hidden states;
-- a base with its own classifier (`...ForSequenceClassification`): the argmax of its
-  logits, named by `config.id2label`;
+  classification, `deltahub.training.head`), read over the pooled last hidden states;
+- a base with its own classifier (`...ForSequenceClassification`, also when a PEFT
+  SEQ_CLS adapter replaced it with its saved `modules_to_save` head), read from its
+  logits with labels named by `config.id2label`;
 - otherwise an embedding: the mean of the last hidden states over the text's tokens.
+
+A head's (or classifier's) logits are read by its problem type: the one the head records
+(`extra["head"]["problem_type"]`), for a base classifier transformers' `config.problem_type`
+(None reads as regression with one output, as transformers' loss does, else single-label;
+PEFT's adapter config does not record it), or the `problem_type` the caller gives:
+
+- single-label: the argmax, `label` and `label_id`;
+- regression: the outputs themselves, `values` (num_labels floats);
+- multi-label: a sigmoid per label, `labels` (those >= `threshold`, 0.5 by default), their
+  `label_ids`, and `probabilities` per label name.
 
 Classification and embeddings run in padded batches of `batch_size` (right padding; the
 head and the mean read only real tokens); one text alone is never padded. Each answer is
@@ -34,6 +45,7 @@ import torch
 
 from deltahub.errors import InvalidConfig
 from deltahub.training.head import TaskHead, has_head
+from deltahub.training.readout import Reading, config_problem_type, problem_type_name, rounded
 
 MODES = ("single", "sum", "average", "stack")
 
@@ -122,6 +134,8 @@ def predict(
     max_new_tokens: int = 20,
     batch_size: int = 32,
     sampling: Sampling | None = None,
+    threshold: float = 0.5,
+    problem_type: str | None = None,
 ) -> list[dict[str, Any]]:
     """One answer per text, in order (see the module doc for how the kind is chosen).
 
@@ -129,18 +143,31 @@ def predict(
     version whose trained classification head (if it has one) reads the output. A text
     longer than the model's maximum is cut to it (as training does); an empty text is an
     `InvalidConfig` naming its position. `sampling` (causal LMs): temperature, top-p,
-    seed and the chat template; greedy by default.
+    seed and the chat template; greedy by default. `problem_type` reads a base
+    classifier's logits as single-label, regression or multi-label when its config does not
+    say (a trained head records its own: a different one is an error); `threshold` is the
+    multi-label sigmoid cut.
     """
     if isinstance(texts, str):
         raise InvalidConfig("predict takes a list of texts; wrap one text in a list")
     if batch_size <= 0:
         raise InvalidConfig(f"batch size must be positive, got {batch_size}")
+    if not 0.0 <= threshold <= 1.0:
+        raise InvalidConfig(f"threshold must be between 0 and 1, got {threshold}")
+    if problem_type is not None:
+        problem_type = problem_type_name(problem_type)
     texts = check_texts(texts)
     base = model.base
     if is_generator(base):
         sampling = sampling or Sampling()
         return [_generate(model, tokenizer, text, max_new_tokens, sampling) for text in texts]
     head = _trained_head(model, head_ref) if head_ref is not None else None
+    if head is not None and problem_type not in (None, head[0].problem_type):
+        raise InvalidConfig(
+            f"the head of {head_ref} was trained for {head[0].problem_type}, not {problem_type}: "
+            "drop the problem type to read it as trained"
+        )
+    reading = Reading(problem_type, threshold)
     if tokenizer.pad_token_id is None or (head is None and getattr(base.config, "pad_token_id", 0) is None):
         batch_size = 1  # nothing to pad with, or a decoder classifier that cannot find the last token
     out: list[dict[str, Any]] = []
@@ -148,9 +175,9 @@ def predict(
         chunk = texts[i : i + batch_size]
         batch = _encode(model, tokenizer, chunk)
         if head is not None:
-            out += _classify_with_head(model, batch, chunk, *head, head_ref)  # type: ignore[arg-type]
+            out += _classify_with_head(model, batch, chunk, *head, head_ref, reading)  # type: ignore[arg-type]
         else:
-            out += _forward(model, batch, chunk)
+            out += _forward(model, batch, chunk, reading)
     return out
 
 
@@ -190,10 +217,6 @@ def _encode(model: Any, tokenizer: Any, texts: list[str], **extra: Any) -> Any:
     if "token_type_ids" in batch and "token_type_ids" not in inspect.signature(model.base.forward).parameters:
         batch.pop("token_type_ids")  # Llama/GPT-2 forwards do not take it
     return batch
-
-
-def _logits(values: torch.Tensor) -> list[float]:
-    return [round(float(v), 6) for v in values]
 
 
 @dataclass(frozen=True)
@@ -276,43 +299,28 @@ def _trained_head(model: Any, ref: str) -> tuple[TaskHead, list[str]] | None:
 
 
 def _classify_with_head(
-    model: Any, batch: Any, texts: list[str], head: TaskHead, labels: list[str], ref: str
+    model: Any, batch: Any, texts: list[str], head: TaskHead, labels: list[str], ref: str, reading: Reading
 ) -> list[dict[str, Any]]:
     out = model(**batch, output_hidden_states=True)
     logits = head(out.hidden_states[-1], batch.get("attention_mask"))  # (B, K)
-    answers = []
-    for text, row in zip(texts, logits, strict=True):
-        label = int(row.argmax())
-        answers.append(
-            {
-                "input": text,
-                "kind": "classification",
-                "label": labels[label] if label < len(labels) else str(label),
-                "label_id": label,
-                "logits": _logits(row),
-                "head": ref,
-            }
-        )
-    return answers
+    return [
+        {**reading.answer(text, row, labels, head.problem_type), "head": ref}
+        for text, row in zip(texts, logits, strict=True)
+    ]
 
 
-def _forward(model: Any, batch: Any, texts: list[str]) -> list[dict[str, Any]]:
+def _forward(model: Any, batch: Any, texts: list[str], reading: Reading) -> list[dict[str, Any]]:
     out = model(**batch)
     answers = []
     if hasattr(out, "logits"):
-        id2label = getattr(model.base.config, "id2label", None) or {}
-        for text, row in zip(texts, out.logits, strict=True):  # (K,) each
-            label = int(row.argmax())
-            answers.append(
-                {
-                    "input": text,
-                    "kind": "classification",
-                    "label": id2label.get(label, str(label)),
-                    "label_id": label,
-                    "logits": _logits(row),
-                }
-            )
-        return answers
+        config = model.base.config
+        id2label = getattr(config, "id2label", None) or {}
+        names = [str(id2label.get(i, i)) for i in range(out.logits.shape[-1])]
+        problem_type = config_problem_type(config)
+        return [
+            reading.answer(text, row, names, problem_type)
+            for text, row in zip(texts, out.logits, strict=True)
+        ]
     hidden = out.last_hidden_state  # (B, T, d)
     mask = batch.get("attention_mask")
     real = torch.ones(hidden.shape[:2], dtype=torch.bool) if mask is None else mask.bool().cpu()
@@ -324,7 +332,7 @@ def _forward(model: Any, batch: Any, texts: list[str]) -> list[dict[str, Any]]:
                 "kind": "embedding",
                 "dim": int(pooled.shape[0]),
                 "norm": round(float(pooled.norm()), 6),
-                "head": _logits(pooled[:8]),
+                "head": rounded(pooled[:8]),
             }
         )
     return answers
