@@ -1,5 +1,5 @@
-"""`deltahub run` and `deltahub eval`: load a base and adapters by name, activate them,
-predict for one input or a file of them, or score a labelled file."""
+"""`deltahub run`: load a base and adapters by name, activate them, and predict for one
+input or a file of them (the options it shares with `eval`: `deltahub.cli.model_args`)."""
 
 from __future__ import annotations
 
@@ -9,97 +9,8 @@ from typing import Any
 
 import click
 
-from deltahub.cli.completion import complete_refs
+from deltahub.cli.model_args import ModelArgs, model_options
 from deltahub.cli.output import handle_errors, json_option, print_json
-
-QUANTIZE = ("nf4", "fp4", "int8")
-
-
-def _weights(value: str | None, option: str, n: int) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        weights = [float(w) for w in value.split(",")]
-    except ValueError:
-        raise click.BadParameter(
-            f"{value!r} is not a comma-separated list of numbers", param_hint=option
-        ) from None
-    if len(weights) != n:
-        raise click.BadParameter(f"{len(weights)} weights for {n} adapters; give one each", param_hint=option)
-    return weights
-
-
-def composition_mode(
-    n: int, sum_w: str | None, avg_w: str | None, stack: bool
-) -> tuple[str, list[float] | None]:
-    """The mode and weights that --sum / --average / --stack ask for."""
-    if sum(x is not None and x is not False for x in (sum_w, avg_w, stack or None)) > 1:
-        raise click.UsageError("give at most one of --sum, --average, --stack")
-    if sum_w is not None:
-        return "sum", _weights(sum_w, "--sum", n)
-    if avg_w is not None:
-        return "average", _weights(avg_w, "--average", n)
-    return ("stack", None) if stack else ("single", None)
-
-
-def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """REFS, --base, the composition flags, --device, --quantize and --force (run and eval)."""
-    options = [
-        click.argument("refs", nargs=-1, required=True, shell_complete=complete_refs),
-        click.option(
-            "--base",
-            "base_path",
-            required=True,
-            type=click.Path(exists=True, file_okay=False),
-            help="Directory of the base model and its tokenizer (save_pretrained output).",
-        ),
-        click.option("--sum", "sum_w", metavar="W1,W2,...", help="Activate Sum(REFS) with these weights."),
-        click.option(
-            "--average", "avg_w", metavar="W1,W2,...", help="Activate Average(REFS) with these weights."
-        ),
-        click.option(
-            "--stack", is_flag=True, help="Activate Stack(REFS): each adapter on the previous one's output."
-        ),
-        click.option("--device", help="Where to run: cpu, cuda, cuda:1, mps (default: cuda when present)."),
-        click.option(
-            "--quantize",
-            type=click.Choice(QUANTIZE),
-            help="Load the base in 4-bit (nf4, fp4) or 8-bit through bitsandbytes.",
-        ),
-        click.option(
-            "--batch-size",
-            default=32,
-            show_default=True,
-            type=click.IntRange(min=1),
-            help="Inputs a forward pass.",
-        ),
-        click.option("--force", is_flag=True, help="Load adapters even if their base fingerprint differs."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def load_model(
-    refs: tuple[str, ...],
-    base_path: str,
-    sum_w: str | None,
-    avg_w: str | None,
-    stack: bool,
-    device: str | None,
-    quantize: str | None,
-    force: bool,
-) -> Any:
-    mode, weights = composition_mode(len(refs), sum_w, avg_w, stack)
-    from transformers.utils import logging as hf_logging
-
-    from deltahub.training.inference import load
-
-    hf_logging.disable_progress_bar()  # a "Loading weights" bar per call would bury the answers
-
-    return load(
-        base_path, list(refs), mode=mode, weights=weights, force=force, device=device, quantize=quantize
-    )
 
 
 def _echo_answer(result: dict[str, Any], batch: bool) -> None:
@@ -110,6 +21,13 @@ def _echo_answer(result: dict[str, Any], batch: bool) -> None:
             click.echo(f"{result['label']}\t{result['input']}")
         else:
             click.echo(f"label: {result['label']}  logits: {result['logits']}")
+    elif result["kind"] == "regression":
+        values = ", ".join(f"{v:g}" for v in result["values"])
+        click.echo(f"{values}\t{result['input']}" if batch else f"value: {values}")
+    elif result["kind"] == "multi-label":
+        labels = ",".join(result["labels"]) or "(none)"
+        probs = "  ".join(f"{k}={p:.4f}" for k, p in result["probabilities"].items())
+        click.echo(f"{labels}\t{result['input']}" if batch else f"labels: {labels}  probabilities: {probs}")
     else:
         summary = f"embedding: dim {result['dim']}, norm {result['norm']:.4f}, head {result['head'][:4]}"
         click.echo(f"{summary}\t{result['input']}" if batch else summary)
@@ -145,15 +63,7 @@ def register(cli: click.Group) -> None:
     @json_option
     @handle_errors
     def run(
-        refs: tuple[str, ...],
-        base_path: str,
-        sum_w: str | None,
-        avg_w: str | None,
-        stack: bool,
-        device: str | None,
-        quantize: str | None,
-        batch_size: int,
-        force: bool,
+        model: ModelArgs,
         text: str | None,
         input_file: str | None,
         text_column: str,
@@ -168,8 +78,10 @@ def register(cli: click.Group) -> None:
 
         Prints the generated text (causal LM), the label and logits (a classifier, or an
         adapter trained with `deltahub train` for classification: the first REF's head), or
-        an embedding summary (encoder). With --input-file, one line per input (`label<TAB>text`),
-        or JSON Lines with --json; the model loads once for the whole file.
+        an embedding summary (encoder). A regression head prints its value(s); a multi-label
+        head the labels whose sigmoid is at least --threshold, and each label's probability.
+        With --input-file, one line per input (`label<TAB>text`), or JSON Lines with --json;
+        the model loads once for the whole file.
 
         Two versions of one adapter combine like two adapters: `a@1 a@2 --sum 0.5,0.5`.
         """
@@ -189,17 +101,18 @@ def register(cli: click.Group) -> None:
             texts = [text or ""]
         check_texts(texts)  # before the minutes a base can take to load
         sampling = Sampling(temperature, top_p, seed, "auto" if chat is None else chat)
-        loaded = load_model(refs, base_path, sum_w, avg_w, stack, device, quantize, force)
+        loaded = model.load()
         answers = predict(
             loaded.model,
             loaded.tokenizer,
             texts,
-            head_ref=refs[0],
+            head_ref=model.refs[0],
             max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
+            batch_size=model.batch_size,
             sampling=sampling,
+            **model.reading(),
         )
-        common = {"base": base_path, "adapters": loaded.names, "composition": repr(loaded.target)}
+        common = {"base": model.base_path, "adapters": loaded.names, "composition": repr(loaded.target)}
         results = [{**common, **answer} for answer in answers]
         if input_file is None:
             if as_json:

@@ -1,4 +1,5 @@
-"""`deltahub eval`: score adapters on a labelled file (accuracy), optionally recorded on the version."""
+"""`deltahub eval`: score adapters on a labelled file (accuracy; MSE, MAE and correlations
+for regression; F1 and exact match for multi-label), optionally recorded on the version."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 import click
 
-from deltahub.cli.compose_cmds import load_model, model_options
+from deltahub.cli.model_args import ModelArgs, model_options
 from deltahub.cli.output import handle_errors, json_option, print_json
 
 
@@ -30,15 +31,7 @@ def register(cli: click.Group) -> None:
     @json_option
     @handle_errors
     def eval_(
-        refs: tuple[str, ...],
-        base_path: str,
-        sum_w: str | None,
-        avg_w: str | None,
-        stack: bool,
-        device: str | None,
-        quantize: str | None,
-        batch_size: int,
-        force: bool,
+        model: ModelArgs,
         data: str,
         text_column: str,
         label_column: str,
@@ -48,19 +41,28 @@ def register(cli: click.Group) -> None:
         """Score BASE with adapters REFS active on the labelled file --data.
 
         Classification (a trained head, or a classifier base): accuracy, the predicted
-        label's name (or index, for integer labels) against the label column. A causal LM:
-        exact match of the generated text. The versions are immutable, so --record keeps
-        the score beside the version (with the data's digest), not in its manifest.
+        label's name (or index, for integer labels) against the label column. A regression
+        head (a number a row, or a list of them): MSE, MAE, Pearson and Spearman. A
+        multi-label head (a list of label names a row, or "a,b"): micro- and macro-F1 and
+        exact-match accuracy at --threshold. A causal LM: exact match of the generated text.
+        The versions are immutable, so --record keeps the scores beside the version (with the
+        data's digest), not in its manifest.
         """
         from deltahub.training.evaluate import evaluate, read_rows
 
+        refs = model.refs
         if record and len(refs) != 1:
             raise click.UsageError("--record scores one version: give a single REF")
         rows, digest = read_rows(data, text_column)
-        loaded = load_model(refs, base_path, sum_w, avg_w, stack, device, quantize, force)
+        loaded = model.load()
         start = time.perf_counter()
         report = evaluate(
-            loaded, rows, text_column=text_column, label_column=label_column, batch_size=batch_size
+            loaded,
+            rows,
+            text_column=text_column,
+            label_column=label_column,
+            batch_size=model.batch_size,
+            **model.reading(),
         )
         seconds = time.perf_counter() - start
         result: dict[str, Any] = {
@@ -77,7 +79,9 @@ def register(cli: click.Group) -> None:
             registry = loaded.model.registry
             registry.record_eval(
                 refs[0],
-                {report.metric: report.value},
+                {
+                    k: v for k, v in report.metrics.items() if v is not None
+                },  # an undefined correlation is not kept
                 data_digest=digest,
                 rows=report.rows,
                 base=loaded.model.fingerprint,
@@ -86,9 +90,13 @@ def register(cli: click.Group) -> None:
         if as_json:
             print_json(result)
             return
-        click.echo(
-            f"{report.metric}: {report.value:.4f} ({report.correct}/{report.rows}) "
-            f"in {seconds:.2f} s ({result['rows_per_second']} rows/s)"
-        )
+        timing = f"in {seconds:.2f} s ({result['rows_per_second']} rows/s)"
+        if report.problem_type is None:  # single-label or generation: one score
+            click.echo(f"{report.metric}: {report.value:.4f} ({report.correct}/{report.rows}) {timing}")
+        else:
+            scores = "  ".join(
+                f"{k}: {'undefined' if v is None else f'{v:.4f}'}" for k, v in report.metrics.items()
+            )
+            click.echo(f"{report.problem_type}, {report.rows} rows: {scores} {timing}")
         if record:
             click.echo(f"recorded on {registry.resolve(refs[0]).ref}")
