@@ -66,6 +66,20 @@ def _maps_of(paths: set[str]) -> list[str]:
         return [line for line in f if any(p in line for p in paths)]
 
 
+def _rss_kib_of(paths: set[str]) -> dict[str, int]:
+    """Resident KiB of each map of `paths` (/proc/self/smaps)."""
+    out: dict[str, int] = {}
+    current = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            first = line.split(maxsplit=5)
+            if "-" in first[0] and len(first) > 4:  # a map's header line
+                current = first[5].strip() if len(first) > 5 and first[5].strip() in paths else None
+            elif current is not None and line.startswith("Rss:"):
+                out[current] = out.get(current, 0) + int(line.split()[1])
+    return out
+
+
 def _fds_of(paths: set[str]) -> list[str]:
     out = []
     for fd in os.listdir("/proc/self/fd"):
@@ -107,6 +121,8 @@ def test_registry_loads_are_views_of_the_blob_and_equal_copies_exactly(tmp_path,
         stats = mapped.load_stats[n]
         assert (stats.mapped, stats.copied, stats.misaligned) == (4 * len(TARGETS), 0, 0)
     assert not _fds_of(set(blobs.values()))  # the map needs no open descriptor
+    # Loading read no page through the maps (safetensors' get_tensor faults in the whole file).
+    assert _rss_kib_of(set(blobs.values())) == dict.fromkeys(blobs.values(), 0)
 
     copied = _fresh()
     for n, d in zip(names, dirs, strict=True):
@@ -116,6 +132,7 @@ def test_registry_loads_are_views_of_the_blob_and_equal_copies_exactly(tmp_path,
     x = ids(batch=3, length=6)
     got, want = _outputs(mapped, names, x), _outputs(copied, names, x)
     assert mapped._slot_table is not None and mapped._slot_table.page_ins >= N
+    assert all(kib > 0 for kib in _rss_kib_of(set(blobs.values())).values())  # now read
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     assert (got[0] - got[1]).abs().max().item() > 1e-3  # the adapters do change the output
     # Paging copied the factors into the slot buffers; the adapters still view the blob.

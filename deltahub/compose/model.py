@@ -212,7 +212,7 @@ class AdaptedModel(nn.Module):
         keys = [k for k in artifact.tensors if not k.startswith(HEAD_PREFIX)]
         # A registry blob (digest known) is immutable: its tensors stay views of its map
         # (`compose.mapped`); a directory's file may be rewritten in place, so it is copied.
-        with read_tensors(artifact.weights_path, map_file=digest is not None) as reader:
+        with read_tensors(artifact.weights_path, digest is not None, artifact.tensors) as reader:
             adapter = cls.from_tensors(self.base, artifact.config, keys, reader.get, name)
             stats = reader.stats(adapter, getattr(adapter, "kept", None))
         adapter.requires_grad_(False)
