@@ -12,8 +12,11 @@
     GET  /v1/auth                                     what the presented token may do     any token
 
 A commit is checked before anything is written: every blob must be stored and linked to
-a namespace the token covers, and the manifest and JSON configs must encode as strict
-JSON (no NaN or infinity), so the version's answer can always be serialized.
+a namespace the token covers, the manifest and JSON configs must encode as strict
+JSON (no NaN or infinity), so the version's answer can always be serialized, and no
+floating tensor may hold NaN or infinity (`tensor-non-finite`, 400). The tensor checks use
+what each blob's upload recorded (blobfacts.py): header bytes and a NaN/Inf verdict, so a
+commit on S3 fetches the small JSON files but no tensor data.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from starlette.responses import Response
 
 from deltahub import artifact as af
 from deltahub.errors import InvalidArtifact, InvalidConfig, InvalidRef, NotFound
+from deltahub.hub import blobfacts
 from deltahub.hub.responses import MissingBlobs, PayloadTooLarge, StrictJSONResponse, encode_json
 from deltahub.hub.state import HubState, hub_state
 from deltahub.hub.tokens import TokenInfo
@@ -185,7 +189,8 @@ def _commit(
         raise MissingBlobs(missing)
     if af.MANIFEST_FILE not in files:
         raise InvalidArtifact("missing-file", f"a committed version needs its {af.MANIFEST_FILE}")
-    with hub.store.local_files(files) as paths:
+    # Tensor data is not read again here: the upload's scan left its facts (blobfacts.py).
+    with blobfacts.commit_view(hub.store, reg, files) as (paths, facts):
         for fname, path in paths.items():
             if fname.endswith(".json"):
                 _check_strict_json(fname, path)
@@ -202,6 +207,9 @@ def _commit(
             raise InvalidArtifact(
                 "non-finite", "the manifest holds NaN or infinity (JSON has neither)"
             ) from None
+        tags = [check_tag(t) for t in tags]
+        artifact = af.load_files(paths)  # the header and schema checks the commit repeats
+        blobfacts.check_weights_finite(hub.store, files, paths, facts, artifact.tensors)
         before = {t: _tagged(reg, name, t) for t in tags}
         v, created = reg.commit(files, paths, tags)
     hub.link_blobs(name, list(files.values()))

@@ -5,7 +5,8 @@
 
 Uploads stream from the socket straight into the blob store's `put_stream` (hash while
 writing; land under the digest only if it matches), so a blob is never held whole in memory and is visible only once its
-bytes match the digest in the URL. An upload links the blob to the adapter's namespace.
+bytes match the digest in the URL. An upload links the blob to the adapter's namespace, and
+its bytes pass a NaN/Inf scan on the way whose verdict is recorded by digest (blobfacts.py).
 
 A namespaced token reads and HEADs only blobs linked to its namespace; any other digest
 answers 404, exactly as an absent one, so existence leaks nothing (`HubState.can_use_blob`).
@@ -30,6 +31,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from deltahub.errors import InvalidConfig, NotFound
+from deltahub.hub import blobfacts
 from deltahub.hub.responses import PayloadTooLarge, StrictJSONResponse
 from deltahub.hub.state import HubState, hub_state
 from deltahub.registry.refs import check_name
@@ -102,8 +104,11 @@ def get_blob(request: Request) -> Response:
 
 
 def _store_upload(hub: HubState, reader: _BodyReader, name: str, digest: str) -> tuple[str, int]:
-    stored, size = hub.store.put_stream(reader, digest)
+    # Scanned as it streams, so a commit needs no second read of the bytes (blobfacts.py).
+    scanning = blobfacts.ScanningReader(reader)
+    stored, size = hub.store.put_stream(scanning, digest)
     hub.link_blobs(name, [stored])
+    blobfacts.record_upload(hub.store, hub.registry_for_thread(), stored, scanning)
     return stored, size
 
 

@@ -93,6 +93,10 @@ class LocalBlobs:
         except FileNotFoundError:
             raise NotFound(f"blob {digest} is not on this hub") from None
 
+    def stat(self, digest: str) -> tuple[int, str | None]:
+        """(size, version tag): a local blob has no tag (its checks go by `verified`)."""
+        return self.size(digest), None
+
     def put_stream(self, stream: BinaryIO, expected: str | None = None) -> tuple[str, int]:
         digest, size = self.store.put_stream(stream, expected)
         with contextlib.suppress(OSError):  # a concurrent remove; the next serve re-hashes
@@ -236,10 +240,14 @@ class S3Blobs:
         return self._head(digest) is not None
 
     def size(self, digest: str) -> int:
+        return self.stat(digest)[0]
+
+    def stat(self, digest: str) -> tuple[int, str | None]:
+        """(size, ETag) of the stored object: a rewrite of the object changes its ETag."""
         head = self._head(digest)
         if head is None:
             raise NotFound(f"blob {digest} is not on this hub")
-        return int(head["ContentLength"])
+        return int(head["ContentLength"]), head.get("ETag")
 
     def put_stream(self, stream: BinaryIO, expected: str | None = None) -> tuple[str, int]:
         """Upload a stream, hashing as it goes; it lands under its digest only if that matches."""
