@@ -7,9 +7,10 @@
                         -> {"adapters": [...], "composition": "...", "predictions": [...]}
 
 A process pays for importing torch and loading the base once, at startup; each request
-loads the adapters it names from the hub's registry (kept, up to `MAX_RESIDENT`, by
-digest) and answers with `deltahub.training.inference.predict`'s dicts, the same shape
-`deltahub run --json` prints. One request runs at a time on the model (a lock), in a
+loads the adapters it names (kept, up to `MAX_RESIDENT`, by digest) from the hub's stores:
+the embedded registry in place, or PostgreSQL + S3 with blobs copied once into a local
+cache by digest (`StoreRegistry`). It answers with `deltahub.training.inference.predict`'s
+dicts, the same shape `deltahub run --json` prints. One request runs at a time on the model (a lock), in a
 worker thread so the server keeps answering other routes. Reads need a read token
 covering every adapter named, as pulling them would.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from deltahub import __version__
-from deltahub.errors import InvalidConfig, Unsupported
+from deltahub.errors import InvalidConfig, NotFound
 from deltahub.hub.responses import StrictJSONResponse
 from deltahub.hub.state import hub_state
 
@@ -37,11 +39,66 @@ MAX_RESIDENT = 16  # adapters kept loaded between requests
 MAX_NEW_TOKENS = 512
 
 
+class _Chunks:
+    """A `read()` over an iterator of byte chunks (a blob streaming from the hub's store)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+
+    def read(self, n: int = -1) -> bytes:
+        return next(self._chunks, b"")
+
+
+class StoreRegistry:
+    """What `AdaptedModel` asks of a registry (resolve, by_digest, open), over the hub's
+    own stores: versions from its metadata store (PostgreSQL), blobs from its blob store
+    (S3) copied once into a local content-addressed cache, hash-checked as they land and
+    again whenever the cached file changes (registry/store.py), so a flipped byte never loads.
+    """
+
+    def __init__(self, hub: Any, cache: Path) -> None:
+        from deltahub.registry.store import BlobStore
+
+        self.hub = hub
+        self.home = cache
+        self.cache = BlobStore(cache)
+
+    def resolve(self, ref: Any) -> Any:
+        return self.hub.registry_for_thread().resolve(ref)
+
+    def by_digest(self, digest: str) -> Any:
+        row = self.hub.registry_for_thread().one(
+            "select full_name, version from versions where digest = %s order by id limit 1", [digest]
+        )
+        if row is None:
+            raise NotFound(f"no version with digest {digest} on this hub")
+        return self.resolve(f"{row['full_name']}@{row['version']}")
+
+    def open(self, ref: Any) -> Any:
+        from deltahub import artifact as af
+        from deltahub.registry.version import Version
+
+        v = ref if isinstance(ref, Version) else self.resolve(ref)
+        paths = {}
+        for fname, digest in v.files.items():
+            if not self.cache.has(digest):
+                self.cache.put_stream(_Chunks(iter(self.hub.store.chunks(digest))), digest)
+            paths[fname] = self.cache.verified_path(digest)
+        return af.load_files(paths)
+
+
 class Predictor:
-    """A base loaded once; adapters from `home`'s registry loaded per request, by version."""
+    """A base loaded once; adapters loaded per request, by version, from `registry`
+    (default: the registry at `home`)."""
 
     def __init__(
-        self, base: str | Path, home: Path, *, device: str | None = None, quantize: str | None = None
+        self,
+        base: str | Path,
+        home: Path,
+        *,
+        device: str | None = None,
+        quantize: str | None = None,
+        registry: Any = None,
     ) -> None:
         from transformers import AutoTokenizer
 
@@ -51,7 +108,7 @@ class Predictor:
 
         self.base = str(base)
         self.tokenizer = AutoTokenizer.from_pretrained(self.base, local_files_only=True)
-        self.registry = Registry(home)
+        self.registry = registry if registry is not None else Registry(home)
         self.model = AdaptedModel(
             load_base(self.base, device=device, quantize=quantize), registry=self.registry
         )
@@ -135,7 +192,9 @@ def routes(predict: bool) -> list[Route]:
 
 
 def predictor_for(hub: Any, base: str | Path, **kw: Any) -> Predictor:
-    """A `Predictor` on the hub's embedded registry (predictions read adapters from it)."""
-    if not str(getattr(hub.meta, "url", "sqlite:")).startswith("sqlite:"):
-        raise Unsupported("--predict-base needs the embedded registry (not --db postgresql://...)")
-    return Predictor(base, getattr(hub.meta, "home", hub.home), **kw)
+    """A `Predictor` reading adapters from the hub's stores: the embedded registry in
+    place, or PostgreSQL + S3 through a blob cache under the hub's home
+    (`predict-cache/`, content-addressed: several servers may share one home)."""
+    if str(getattr(hub.meta, "url", "sqlite:")).startswith("sqlite:"):
+        return Predictor(base, getattr(hub.meta, "home", hub.home), **kw)
+    return Predictor(base, hub.home, registry=StoreRegistry(hub, Path(hub.home) / "predict-cache"), **kw)
