@@ -105,7 +105,7 @@ class Team:
 def team(tmp_path: Path) -> Iterator[Team]:
     stores = backend_stores("postgres+s3")
     r = CliRunner().invoke(cli, ["hub", "migrate", "--db", stores["db"]])
-    assert r.exit_code == 0 and "schema at version 1 (was 0)" in r.output, r.output
+    assert r.exit_code == 0 and "schema at version 2 (was 0)" in r.output, r.output
     r = CliRunner().invoke(
         cli, ["token", "create", "--db", stores["db"], "--scope", "write", "--namespace", "team"]
     )
@@ -369,7 +369,7 @@ def test_schema_migration_is_idempotent_and_required(tmp_path: Path) -> None:
     for t in threads:
         t.join(60)
     assert all(r.exit_code == 0 for r in results), [r.output for r in results]
-    assert _db_rows(db, "select version from deltahub_schema") == [(1,)]
+    assert _db_rows(db, "select version from deltahub_schema") == [(1,), (2,)]
     PostgresMeta(db, create=False).close()
     with pytest.raises(InvalidConfig, match="PostgreSQL metadata"):
         open_stores(None, "s3://bucket/x", tmp_path)

@@ -499,14 +499,14 @@ def webhook_remove(hook_id: int, home: str | None, db_url: str | None) -> None:
 @json_option
 @handle_errors
 def webhook_log(limit: int, home: str | None, db_url: str | None, as_json: bool) -> None:
-    """The latest deliveries: event, URL, HTTP status, attempts, last error."""
+    """The latest deliveries: event, URL, state (pending, delivered, failed), HTTP status, attempts, last error."""
     rows = _meta(home, db_url).deliveries(limit)
     if as_json:
         print_json(rows)
     elif not rows:
         click.echo("no deliveries yet")
     else:
-        print_table(rows, ("id", "hook_id", "event", "url", "status", "ok", "attempts", "error"))
+        print_table(rows, ("id", "hook_id", "event", "url", "state", "status", "ok", "attempts", "error"))
 
 
 # ----------------------------------------------------------------------------- hub storage

@@ -11,7 +11,8 @@ Schema by sqlite-utils `Migrations` ("deltahub.hub"):
                   to the digest; a blob is re-hashed before it is served whenever these
                   change (see blobs.verified_path).
     webhooks      URL, events, namespace and signing secret of each webhook (webhooks.py)
-    deliveries    the delivery log: one row per delivery, its last status and attempts
+    deliveries    one row per delivery, from its emit on: the durable queue while `pending`
+                  (webhooks.py), then the delivery log (its last status and attempts)
 """
 
 from __future__ import annotations
@@ -139,3 +140,16 @@ def m003_webhooks(db: Database) -> None:
         },
         pk="id",
     )
+
+
+@migrations()
+def m004_durable_deliveries(db: Database) -> None:
+    """Deliveries become rows from their emit on (webhooks.py): `state` pending, delivered or
+    failed; `payload` the body every attempt signs; `due` when a worker may next take the
+    row (its next attempt, or the end of a claim's lease); `claim` the claimer's token.
+    Rows logged before this were finished deliveries."""
+    table = db["deliveries"]
+    for column, kind in (("state", str), ("payload", str), ("due", float), ("claim", str)):
+        table.add_column(column, kind)
+    db.execute("update deliveries set state = case when ok then 'delivered' else 'failed' end")
+    table.create_index(["state", "due"])

@@ -17,7 +17,8 @@ for concurrent use. A handle answers what the routes ask:
     tokens                                    create / list / revoke / check (tokens.py)
     link / namespace_uses                     blob links per namespace (state.py)
     checked_key / record_check                the last hash check of a local blob
-    hooks / add_hook / remove_hook / log_delivery / deliveries     webhooks (webhooks.py)
+    hooks / add_hook / remove_hook / deliveries     webhooks and their delivery log
+    enqueue / claim / finish / pending        the durable delivery queue (webhooks.py)
     every_version()                           all versions, for `deltahub hub copy`
 """
 
@@ -31,6 +32,7 @@ from typing import Any
 
 from deltahub.errors import InvalidConfig, InvalidRef, NotFound
 from deltahub.hub.metastore import (
+    DELIVERY_COLUMNS,
     EVENTS,
     MetaHandle,
     MetaStore,
@@ -203,12 +205,61 @@ class EmbeddedHandle:
             if self.db.conn.execute("delete from webhooks where id = ?", [hook_id]).rowcount == 0:
                 raise NotFound(f"no webhook with id {hook_id} (see `deltahub webhook list`)")
 
-    def log_delivery(self, row: dict[str, Any]) -> None:
+    # The delivery queue: one process per hub.db, but BEGIN IMMEDIATE keeps a claim whole
+    # even if another process shares the file.
+    def enqueue(self, rows: Sequence[dict[str, Any]]) -> None:
         with self.db.conn:
-            self.db["deliveries"].insert(row)
+            self.db.conn.executemany(
+                "insert into deliveries (hook_id, event, delivery, url, payload, state, ok, attempts, due, at)"
+                " values (?, ?, ?, ?, ?, 'pending', 0, 0, ?, ?)",
+                [
+                    (r["hook_id"], r["event"], r["delivery"], r["url"], r["payload"], r["due"], r["due"])
+                    for r in rows
+                ],
+            )
+
+    def claim(self, limit: int, lease: float, token: str) -> tuple[list[dict[str, Any]], float | None]:
+        conn, now = self.db.conn, time.time()
+        due = "select 1 from deliveries where state = 'pending' and due <= ? limit 1"
+        if conn.execute(due, [now]).fetchone() is None:  # idle: no write lock taken
+            return [], conn.execute(_SOONEST).fetchone()[0]
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            cur = conn.execute(
+                "select d.id, d.hook_id, d.event, d.delivery, d.url, d.payload, d.attempts, w.secret"
+                " from deliveries d left join webhooks w on w.id = d.hook_id"
+                " where d.state = 'pending' and d.due <= ? order by d.due, d.id limit ?",
+                [now, limit],
+            )
+            rows = [dict(zip([c[0] for c in cur.description], r, strict=True)) for r in cur.fetchall()]
+            conn.executemany(
+                "update deliveries set due = ?, claim = ? where id = ?",
+                [(now + lease, token, r["id"]) for r in rows],
+            )
+            soonest = None if rows else conn.execute(_SOONEST).fetchone()[0]
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return rows, soonest
+
+    def finish(self, delivery_id: int, token: str, outcome: dict[str, Any]) -> bool:
+        sets = ", ".join(f"{c} = ?" for c in outcome)
+        with self.db.conn:
+            cur = self.db.conn.execute(
+                f"update deliveries set {sets}, claim = null where id = ? and claim = ? and state = 'pending'",
+                [*outcome.values(), delivery_id, token],
+            )
+        return cur.rowcount == 1
+
+    def pending(self) -> int:
+        return self.db.execute("select count(*) from deliveries where state = 'pending'").fetchone()[0]
 
     def deliveries(self, limit: int = 50) -> list[dict[str, Any]]:
-        return list(self.db["deliveries"].rows_where(order_by="id desc", limit=limit))
+        cur = self.db.execute(
+            f"select {', '.join(DELIVERY_COLUMNS)} from deliveries order by id desc limit ?", [limit]
+        )
+        return [dict(zip(DELIVERY_COLUMNS, r, strict=True)) for r in cur.fetchall()]
 
     def every_version(self) -> Iterator[Version]:
         cursor = None
@@ -218,6 +269,9 @@ class EmbeddedHandle:
             if page.next_cursor is None:
                 return
             cursor = page.next_cursor
+
+
+_SOONEST = "select min(due) from deliveries where state = 'pending'"
 
 
 def _exists(h: Any, files: dict[str, str], paths: dict[str, Path]) -> bool:

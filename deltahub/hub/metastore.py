@@ -18,6 +18,20 @@ from deltahub.registry.refs import Ref, check_name
 from deltahub.registry.version import Version
 
 EVENTS = ("version.published", "tag.moved")
+# What the delivery log shows of a delivery row (not its body or its claim token).
+DELIVERY_COLUMNS = (
+    "id",
+    "hook_id",
+    "event",
+    "delivery",
+    "url",
+    "state",
+    "status",
+    "ok",
+    "attempts",
+    "error",
+    "at",
+)
 
 
 class MetaHandle(Protocol):
@@ -43,7 +57,11 @@ class MetaHandle(Protocol):
         self, url: str, events: Sequence[str], namespace: str | None, secret: str | None = None
     ) -> dict[str, Any]: ...
     def remove_hook(self, hook_id: int) -> None: ...
-    def log_delivery(self, row: dict[str, Any]) -> None: ...
+    # The durable delivery queue (webhooks.py): rows `pending` from emit to their outcome.
+    def enqueue(self, rows: Sequence[dict[str, Any]]) -> None: ...
+    def claim(self, limit: int, lease: float, token: str) -> tuple[list[dict[str, Any]], float | None]: ...
+    def finish(self, delivery_id: int, token: str, outcome: dict[str, Any]) -> bool: ...
+    def pending(self) -> int: ...
     def deliveries(self, limit: int = 50) -> list[dict[str, Any]]: ...
     def every_version(self) -> Iterator[Version]: ...
     def close(self) -> None: ...

@@ -13,35 +13,59 @@ Several `deltahub serve` processes share one database. What keeps them correct:
 - Search is PostgreSQL's own full-text search: a `tsvector` of name, description, task,
   method and base model on each row, a GIN index over latest versions only.
 
+Connections come from a pool (psycopg_pool): at most `pool_size` per server process
+(`DELTAHUB_DB_POOL_SIZE`, default 8), whatever the number of request threads. Each handle
+method borrows one connection for its duration (a transaction keeps its connection), and a
+borrowed connection is checked first with an empty query: after a PostgreSQL restart, or a
+backend terminated by an administrator, the broken connections are dropped and the request
+runs on a new one instead of failing.
+
 The schema and its migrations: pgschema.py.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from deltahub import artifact as af
 from deltahub.errors import AlreadyExists, InvalidArtifact, InvalidConfig, InvalidRef, NotFound
-from deltahub.hub.metastore import MetaStore, check_hook, hook_matches, new_secret, redact
-from deltahub.hub.pgschema import DOC, MIGRATIONS, connect, migrate, schema_version
+from deltahub.hub.metastore import DELIVERY_COLUMNS, MetaStore, check_hook, hook_matches, new_secret, redact
+from deltahub.hub.pgschema import DOC, MIGRATIONS, connect, migrate, open_pool, schema_version
 from deltahub.hub.tokens import TokenStore
 from deltahub.registry.refs import Ref, check_name, check_tag, check_version, parse_ref
 from deltahub.registry.version import Page, Version, check_limit, decode_cursor, encode_cursor, version_key
 
+POOL_SIZE_ENV = "DELTAHUB_DB_POOL_SIZE"
+DEFAULT_POOL_SIZE = 8
+
+
+def pool_size_from_env() -> int:
+    raw = os.environ.get(POOL_SIZE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_POOL_SIZE
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise InvalidConfig(f"{POOL_SIZE_ENV}={raw!r} must be a whole number of connections, 1 to 1000")
+    return int(raw)
+
 
 class PostgresMeta(MetaStore):
-    """Hub metadata in one PostgreSQL database (one connection per server thread)."""
+    """Hub metadata in one PostgreSQL database, through a pool of `pool_size` connections."""
 
-    def __init__(self, url: str, *, create: bool = True) -> None:
+    def __init__(self, url: str, *, create: bool = True, pool_size: int | None = None) -> None:
         super().__init__()
         self.url = url
+        self.pool_size = pool_size or pool_size_from_env()
+        if self.pool_size < 1:
+            raise InvalidConfig(f"a connection pool needs at least one connection, not {self.pool_size}")
         if create:
             migrate(url)
         else:
@@ -55,10 +79,47 @@ class PostgresMeta(MetaStore):
                     f"{redact(url)} has schema {have}, this deltahub needs {len(MIGRATIONS)}: "
                     "run `deltahub hub migrate --db URL`"
                 )
+        self.pool = open_pool(url, self.pool_size)
         self.handle()
 
     def _open(self) -> PgHandle:
-        return PgHandle(self.url)
+        return PgHandle(self)
+
+    def borrow(self) -> Any:
+        """A pooled connection that answers; give it back with `self.pool.putconn`.
+
+        The check is one empty query. A broken connection (PostgreSQL restarted, backend
+        terminated) goes back to the pool, which closes it and opens another; at most every
+        pooled connection is tried once, then a new one serves (or its error is raised).
+        """
+        import psycopg
+
+        for _ in range(self.pool_size):
+            conn = self.pool.getconn()
+            try:
+                conn.execute("")
+                return conn
+            except psycopg.Error:
+                self.pool.putconn(conn)
+        return self.pool.getconn()
+
+    def close(self) -> None:
+        super().close()
+        self.pool.close()
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def borrowing(fn: F) -> F:
+    """Run a handle method on one pooled connection (the caller's, if it holds one)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: PgHandle, *args: Any, **kw: Any) -> Any:
+        with self.session():
+            return fn(self, *args, **kw)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def int_version(version: str) -> int | None:
@@ -104,34 +165,64 @@ class PgTokens(TokenStore):
 
     def _update(self, pk: int, values: dict[str, Any]) -> None:
         sets = ", ".join(f"{k} = %s" for k in values)
-        self.h.conn.execute(f"update tokens set {sets} where id = %s", [*values.values(), pk])
+        self.h.execute(f"update tokens set {sets} where id = %s", [*values.values(), pk])
 
 
 class PgHandle:
-    """One thread's connection, and every query the hub asks of its metadata."""
+    """One thread's view of the store: every query the hub asks of its metadata.
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.conn = connect(url)
+    It holds no connection between calls: each public method borrows one from the pool
+    (`session`), a transaction keeps it until it commits.
+    """
+
+    broken = False
+
+    def __init__(self, meta: PostgresMeta) -> None:
+        self.meta = meta
+        self.url = meta.url
+        self._conn: Any = None
         self.tokens = PgTokens(self)
 
+    @contextmanager
+    def session(self) -> Iterator[Any]:
+        """A pooled connection for the block (reentrant: nested blocks share it)."""
+        if self._conn is not None:
+            yield self._conn
+            return
+        conn = self.meta.borrow()
+        self._conn = conn
+        try:
+            yield conn
+        finally:
+            self._conn = None
+            self.meta.pool.putconn(conn)  # rolls back what is left open; drops a broken one
+
     @property
-    def broken(self) -> bool:
-        return bool(self.conn.broken or self.conn.closed)
+    def conn(self) -> Any:
+        if self._conn is None:
+            raise RuntimeError("PgHandle.conn outside a session (use `with handle.session():`)")
+        return self._conn
 
     def close(self) -> None:
-        self.conn.close()
+        pass  # the pool owns the connections
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        return self.conn.execute(sql, params).fetchone()
+        with self.session() as conn:
+            return conn.execute(sql, params).fetchone()
 
     def all(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        return self.conn.execute(sql, params).fetchall()
+        with self.session() as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run a statement; the number of rows it touched."""
+        with self.session() as conn:
+            return conn.execute(sql, params).rowcount
 
     @contextmanager
     def _tx(self) -> Iterator[Any]:
-        with self.conn.transaction():
-            yield self.conn
+        with self.session() as conn, conn.transaction():
+            yield conn
 
     # ------------------------------------------------------------------ versions
 
@@ -169,6 +260,7 @@ class PgHandle:
             for r in rows
         ]
 
+    @borrowing
     def list(
         self,
         *,
@@ -194,6 +286,7 @@ class PgHandle:
         sql = f"select * from versions where {' and '.join(where)} and full_name > %s order by full_name"
         return self._paged(sql, [*params, after], limit, lambda r: ("latest", [r["full_name"]]))
 
+    @borrowing
     def search(self, query: str, limit: int | None = 50, cursor: str | None = None) -> list[Version]:
         check_limit(limit)
         if not query.strip():
@@ -205,6 +298,7 @@ class PgHandle:
         sql = "select * from versions where is_latest and doc @@ to_tsquery('simple', %s) and id < %s order by id desc"
         return self._paged(sql, [tsq, before], limit, lambda r: ("search", [r["id"]]))
 
+    @borrowing
     def versions(self, name: str, limit: int | None = None, cursor: str | None = None) -> list[Version]:
         check_name(name)
         check_limit(limit)
@@ -261,6 +355,7 @@ class PgHandle:
             raise NotFound(f"{r.full_name} has no {r.kind} {r.selector!r}")
         return row
 
+    @borrowing
     def resolve(self, ref: str | Ref) -> Version:
         return self._versions([self._resolve_row(ref)])[0]
 
@@ -295,6 +390,7 @@ class PgHandle:
             [full_name, tag, version_id, af.utc_now()],
         )
 
+    @borrowing
     def commit(
         self, files: dict[str, str], paths: dict[str, Path], tags: Sequence[str]
     ) -> tuple[Version, bool]:
@@ -353,6 +449,7 @@ class PgHandle:
                 created = True
             return self._versions([self.one("select * from versions where id = %s", [row["id"]])])[0], created
 
+    @borrowing
     def tag(self, name: str, selector: str, tag: str) -> tuple[Version, str | None]:
         check_tag(tag)
         with self._tx():
@@ -364,6 +461,7 @@ class PgHandle:
 
     # ------------------------------------------------------------------ blobs
 
+    @borrowing
     def link(self, namespace: str, digests: Iterable[str]) -> None:
         now = time.time()
         with self.conn.cursor() as cur:
@@ -372,6 +470,7 @@ class PgHandle:
                 [(namespace, d, now) for d in sorted(set(digests))],
             )
 
+    @borrowing
     def namespace_uses(self, namespace: str, digest: str) -> bool:
         return (
             self.one(
@@ -383,10 +482,12 @@ class PgHandle:
             is not None
         )
 
+    @borrowing
     def checked_key(self, digest: str) -> tuple[int, int, int, int] | None:
         r = self.one("select ino, size, mtime_ns, ctime_ns from blob_checks where digest = %s", [digest])
         return (r["ino"], r["size"], r["mtime_ns"], r["ctime_ns"]) if r else None
 
+    @borrowing
     def record_check(self, digest: str, key: tuple[int, int, int, int]) -> None:
         self.conn.execute(
             "insert into blob_checks (digest, ino, size, mtime_ns, ctime_ns, checked) values (%s, %s, %s, %s, %s, %s)"
@@ -397,12 +498,14 @@ class PgHandle:
 
     # ------------------------------------------------------------------ webhooks
 
+    @borrowing
     def hooks(self, event: str | None = None, full_name: str | None = None) -> list[dict[str, Any]]:
         out = [
             {**r, "events": json.loads(r["events"])} for r in self.all("select * from webhooks order by id")
         ]
         return [h for h in out if hook_matches(h, event, full_name)]
 
+    @borrowing
     def add_hook(
         self, url: str, events: Sequence[str], namespace: str | None, secret: str | None = None
     ) -> dict[str, Any]:
@@ -413,19 +516,68 @@ class PgHandle:
         )
         return next(h for h in self.hooks() if h["id"] == row["id"])
 
+    @borrowing
     def remove_hook(self, hook_id: int) -> None:
         if self.conn.execute("delete from webhooks where id = %s", [hook_id]).rowcount == 0:
             raise NotFound(f"no webhook with id {hook_id} (see `deltahub webhook list`)")
 
-    def log_delivery(self, row: dict[str, Any]) -> None:
-        cols = list(row)
-        self.conn.execute(
-            f"insert into deliveries ({', '.join(cols)}) values ({', '.join(['%s'] * len(cols))})",
-            [bool(row[c]) if c == "ok" else row[c] for c in cols],
+    # A delivery is one row from its emit on (see webhooks.py): `pending` until delivered or
+    # out of attempts. A claim takes due rows with FOR UPDATE SKIP LOCKED and moves their
+    # `due` past the lease in the same transaction, so no other process takes them until
+    # the claimer finishes or dies.
+
+    @borrowing
+    def enqueue(self, rows: Sequence[dict[str, Any]]) -> None:
+        with self._tx(), self.conn.cursor() as cur:
+            cur.executemany(
+                "insert into deliveries (hook_id, event, delivery, url, payload, state, ok, attempts, due, at)"
+                " values (%s, %s, %s, %s, %s, 'pending', false, 0, %s, %s)",
+                [
+                    (r["hook_id"], r["event"], r["delivery"], r["url"], r["payload"], r["due"], r["due"])
+                    for r in rows
+                ],
+            )
+
+    @borrowing
+    def claim(self, limit: int, lease: float, token: str) -> tuple[list[dict[str, Any]], float | None]:
+        now = time.time()
+        with self._tx():
+            rows = self.all(
+                "select d.id, d.hook_id, d.event, d.delivery, d.url, d.payload, d.attempts, w.secret"
+                " from deliveries d left join webhooks w on w.id = d.hook_id"
+                " where d.state = 'pending' and d.due <= %s order by d.due, d.id limit %s"
+                " for update of d skip locked",
+                [now, limit],
+            )
+            if rows:
+                self.execute(
+                    "update deliveries set due = %s, claim = %s where id = any(%s)",
+                    [now + lease, token, [r["id"] for r in rows]],
+                )
+                return rows, None
+        soonest = self.one("select min(due) as due from deliveries where state = 'pending'")
+        return [], soonest["due"] if soonest else None
+
+    @borrowing
+    def finish(self, delivery_id: int, token: str, outcome: dict[str, Any]) -> bool:
+        cols = list(outcome)
+        sets = ", ".join(f"{c} = %s" for c in cols)
+        return (
+            self.execute(
+                f"update deliveries set {sets}, claim = null where id = %s and claim = %s and state = 'pending'",
+                [*(bool(outcome[c]) if c == "ok" else outcome[c] for c in cols), delivery_id, token],
+            )
+            == 1
         )
 
+    def pending(self) -> int:
+        return self.one("select count(*) as n from deliveries where state = 'pending'")["n"]
+
+    @borrowing
     def deliveries(self, limit: int = 50) -> list[dict[str, Any]]:
         return [
             {**r, "ok": int(bool(r["ok"]))}
-            for r in self.all("select * from deliveries order by id desc limit %s", [limit])
+            for r in self.all(
+                f"select {', '.join(DELIVERY_COLUMNS)} from deliveries order by id desc limit %s", [limit]
+            )
         ]

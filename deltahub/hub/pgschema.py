@@ -5,6 +5,9 @@ transaction under a transaction-scoped advisory lock, so servers (or `deltahub h
 migrate` runs) starting together migrate once. Tables mirror the embedded hub's
 registry.db + hub.db; `doc` is the full-text search vector of a version (PostgreSQL's own
 tsvector, GIN-indexed over latest versions only).
+
+A server talks to PostgreSQL through a pool (psycopg_pool, `open_pool`): at most `size`
+connections per process, opened on demand, closed when the server stops.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from deltahub.errors import InvalidConfig
 from deltahub.hub.metastore import redact
 
 MIGRATION_LOCK = 0x64656C7461  # advisory lock key ("delta")
+POOL_TIMEOUT_S = 30.0  # a request waits this long for a free pooled connection
 DOC = (
     "to_tsvector('simple', regexp_replace(concat_ws(' ', full_name, description, task, method, base_model),"
     " '[^[:alnum:]]+', ' ', 'g'))"
@@ -85,6 +89,17 @@ MIGRATIONS: list[str] = [
         status integer, ok boolean, attempts integer, error text, at double precision
     );
     """,
+    # 2: durable webhook deliveries (webhooks.py): a delivery is a row from its emit on,
+    # `pending` until delivered or out of attempts; `due` is when a worker may next take it
+    # (its next attempt, or the end of a claim's lease), `claim` the claimer's token, and
+    # `payload` the exact body every attempt signs. Rows logged before this were finished.
+    """
+    alter table deliveries add column state text not null default 'delivered',
+        add column payload text, add column due double precision, add column claim text;
+    update deliveries set state = 'failed' where not coalesce(ok, false);
+    alter table deliveries alter column state drop default;
+    create index deliveries_due on deliveries (due) where state = 'pending';
+    """,
 ]
 
 
@@ -101,6 +116,35 @@ def connect(url: str) -> Any:
     except psycopg.OperationalError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InvalidConfig(f"cannot connect to {redact(url)}: {first}") from None
+
+
+def open_pool(url: str, size: int) -> Any:
+    """A pool of at most `size` connections to `url` (opened here; one connection at first)."""
+    from psycopg.rows import dict_row
+
+    try:
+        from psycopg_pool import ConnectionPool, PoolTimeout
+    except ImportError:  # pragma: no cover - depends on the install
+        raise InvalidConfig(
+            "a PostgreSQL hub needs psycopg-pool: pip install 'deltahub[team]' (or 'psycopg-pool')"
+        ) from None
+    pool = ConnectionPool(
+        url,
+        min_size=1,
+        max_size=size,
+        kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": 15},
+        name="deltahub",
+        timeout=POOL_TIMEOUT_S,
+        max_idle=300.0,
+        reconnect_timeout=60.0,
+        open=False,
+    )
+    try:
+        pool.open(wait=True, timeout=15.0)
+    except PoolTimeout:
+        pool.close()
+        raise InvalidConfig(f"cannot connect to {redact(url)}: no connection within 15 s") from None
+    return pool
 
 
 def schema_version(conn: Any) -> int:

@@ -23,9 +23,11 @@ limit per real client address, and a maximum body size (see README, "Security").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +151,7 @@ def create_app(
     ]
     app = Starlette(
         routes=routes,
+        lifespan=_lifespan,
         exception_handlers={
             DeltahubError: deltahub_error,
             HTTPException: http_error,
@@ -160,6 +163,13 @@ def create_app(
         predict_routes.predictor_for(hub, predict_base, **(predict_options or {})) if predict_base else None
     )
     return app
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: Starlette) -> AsyncIterator[None]:
+    # Webhook workers start with the server: deliveries a killed server left pending go out.
+    app.state.hub.webhooks.start()
+    yield
 
 
 # ----------------------------------------------------------------------------- connections

@@ -19,11 +19,19 @@ lets a receiver refuse replays). Any 2xx is success; anything else, or no answer
 `max_delay`), `attempts` times in all. Every delivery's outcome (status, attempts, last
 error) goes to the delivery log (`deltahub webhook log`).
 
-Deliveries run on this server process's own worker threads, fed by a bounded queue:
-a request that publishes or moves a tag only enqueues, and never waits for a receiver.
-Events are sent by the server process that handled the request; a process killed with
-deliveries queued loses those (they are at-most-once after a crash; the log shows
-which were delivered).
+Deliveries are durable. On emit, one `pending` row per matching hook goes into the hub's
+metadata store (hub.db, or PostgreSQL), holding the exact body; a request that publishes
+or moves a tag only writes those rows, and never waits for a receiver. Worker threads in
+every server process claim due rows (PostgreSQL: `SELECT ... FOR UPDATE SKIP LOCKED`,
+so two processes never take the same row), make one attempt each, and record the
+outcome on the row: delivered, failed (out of attempts), or pending again with the next
+attempt due after the back-off. A claim is a lease: a server killed mid-delivery leaves
+its row pending, and any server (the restarted one included) takes it once the lease
+ends (`lease`, longer than any attempt). Rows left due by a killed server are taken as
+soon as a server starts. So a delivery is at-least-once: a server killed after the
+receiver answered but before the outcome was written sends it again, with the same
+`X-Deltahub-Delivery` id, by which a receiver drops the repeat. Every attempt sends the
+same signed body, so its timestamp is the event's time, not the attempt's.
 """
 
 from __future__ import annotations
@@ -32,7 +40,6 @@ import hashlib
 import hmac
 import json
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -41,8 +48,8 @@ from typing import Any
 log = logging.getLogger("deltahub.hub.webhooks")
 
 SIGNATURE_HEADER = "X-Deltahub-Signature"
-QUEUE_MAX = 10_000
 WORKERS = 4
+POLL_S = 5.0  # idle workers look for rows due (another server's leftovers) this often
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -55,7 +62,12 @@ def verify_signature(secret: str, body: bytes, header: str | None) -> bool:
 
 
 class Dispatcher:
-    """Queue events and deliver them on background threads, with bounded retries."""
+    """Write deliveries to the metadata store on emit; deliver them on background threads.
+
+    `attempts` tries in all, `base_delay * 2**(attempt - 1)` seconds apart (at most
+    `max_delay`), each with `timeout` seconds to answer; a claim lasts `lease` seconds
+    (default `2 * timeout + 30`).
+    """
 
     def __init__(
         self,
@@ -65,122 +77,139 @@ class Dispatcher:
         base_delay: float = 1.0,
         max_delay: float = 60.0,
         timeout: float = 10.0,
+        lease: float | None = None,
+        workers: int = WORKERS,
+        poll: float = POLL_S,
     ) -> None:
         self.meta = meta
         self.attempts = attempts
         self.base_delay = base_delay
         self.max_delay = max_delay
         self.timeout = timeout
-        self._queue: queue.Queue[tuple[dict[str, Any], dict[str, Any]] | None] = queue.Queue(QUEUE_MAX)
+        self.lease = lease
+        self.workers = workers
+        self.poll = poll
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
-        self._pending = 0
-        self._idle = threading.Condition(self._lock)
 
     def emit(self, event: str, full_name: str, data: dict[str, Any]) -> None:
-        """Enqueue `event` for every hook that wants it (called after the change committed)."""
+        """Record `event` for every hook that wants it (called after the change committed)."""
         try:
-            hooks = self.meta.handle().hooks(event, full_name)
+            handle = self.meta.handle()
+            now = time.time()
+            rows = []
+            for hook in handle.hooks(event, full_name):
+                payload = {
+                    "event": event,
+                    "delivery": str(uuid.uuid4()),
+                    "timestamp": now,
+                    "adapter": full_name,
+                    **data,
+                }
+                body = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+                rows.append(
+                    {"hook_id": hook["id"], "event": event, "delivery": payload["delivery"], "url": hook["url"],
+                     "payload": body, "due": now}
+                )  # fmt: skip
+            if rows:
+                handle.enqueue(rows)
         except Exception:
-            log.exception("cannot read webhooks for %s", event)
+            log.exception("cannot record webhook deliveries for %s of %s", event, full_name)
             return
-        for hook in hooks:
-            payload = {
-                "event": event,
-                "delivery": str(uuid.uuid4()),
-                "timestamp": time.time(),
-                "adapter": full_name,
-                **data,
-            }
-            with self._lock:
-                self._start()
-                self._pending += 1
-            try:
-                self._queue.put_nowait((hook, payload))
-            except queue.Full:
-                with self._lock:
-                    self._pending -= 1
-                log.error("webhook queue full: %s for %s dropped", event, hook["url"])
+        if rows:
+            self.start()
+            self._wake.set()
 
-    def _start(self) -> None:
-        if self._threads:
-            return
-        for i in range(WORKERS):
-            t = threading.Thread(target=self._run, name=f"deltahub-webhooks-{i}", daemon=True)
-            t.start()
-            self._threads.append(t)
+    def start(self) -> None:
+        """Start the workers (at server start, so rows a killed server left are delivered)."""
+        with self._lock:
+            if self._threads or self._stop.is_set():
+                return
+            for i in range(self.workers):
+                t = threading.Thread(target=self._run, name=f"deltahub-webhooks-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
 
     def _run(self) -> None:
+        token = uuid.uuid4().hex
         while not self._stop.is_set():
+            self._wake.clear()  # before the claim: an emit after it wakes us again
             try:
-                item = self._queue.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if item is None:
-                return
-            try:
-                self._deliver(*item)
+                rows, soonest = self.meta.handle().claim(1, self._lease(), token)
             except Exception:
-                log.exception("webhook delivery failed")
-            finally:
-                with self._lock:
-                    self._pending -= 1
-                    self._idle.notify_all()
+                log.exception("cannot claim webhook deliveries")
+                rows, soonest = [], None
+            if not rows:
+                wait = self.poll if soonest is None else min(self.poll, max(0.01, soonest - time.time()))
+                self._wake.wait(wait)
+                continue
+            try:
+                self._attempt(rows[0], token)
+            except Exception:
+                log.exception("webhook delivery %s failed", rows[0]["delivery"])
 
-    def _deliver(self, hook: dict[str, Any], payload: dict[str, Any]) -> None:
+    def _lease(self) -> float:
+        return self.lease if self.lease is not None else 2 * self.timeout + 30.0
+
+    def _attempt(self, row: dict[str, Any], token: str) -> None:
+        """One attempt at one claimed delivery; its outcome goes back to the row."""
         import httpx
 
-        body = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+        attempt = row["attempts"] + 1
+        if row["secret"] is None:  # the hook was removed while this waited
+            outcome = {"state": "failed", "status": 0, "ok": 0, "error": "webhook removed", "at": time.time()}
+            self.meta.handle().finish(row["id"], token, outcome)
+            return
+        body = row["payload"].encode()
         headers = {
             "Content-Type": "application/json",
             "User-Agent": "deltahub-webhooks",
-            "X-Deltahub-Event": payload["event"],
-            "X-Deltahub-Delivery": payload["delivery"],
-            SIGNATURE_HEADER: sign(hook["secret"], body),
-        }
-        status, error, attempt = 0, "", 0
-        with httpx.Client(timeout=self.timeout, follow_redirects=False) as client:
-            for attempt in range(1, self.attempts + 1):
-                try:
-                    r = client.post(hook["url"], content=body, headers=headers)
-                    status, error = r.status_code, "" if r.is_success else f"HTTP {r.status_code}"
-                    if r.is_success:
-                        break
-                except httpx.HTTPError as e:
-                    status, error = 0, f"{type(e).__name__}: {e}"[:500]
-                if attempt < self.attempts and self._stop.wait(
-                    min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
-                ):
-                    break  # shutting down
-        row = {
-            "hook_id": hook["id"],
-            "event": payload["event"],
-            "delivery": payload["delivery"],
-            "url": hook["url"],
-            "status": status,
-            "ok": int(200 <= status < 300),
-            "attempts": attempt,
-            "error": error,
-            "at": time.time(),
+            "X-Deltahub-Event": row["event"],
+            "X-Deltahub-Delivery": row["delivery"],
+            SIGNATURE_HEADER: sign(row["secret"], body),
         }
         try:
-            self.meta.handle().log_delivery(row)
-        except Exception:
-            log.exception("cannot log webhook delivery %s", payload["delivery"])
+            with httpx.Client(timeout=self.timeout, follow_redirects=False) as client:
+                r = client.post(row["url"], content=body, headers=headers)
+            status, error = r.status_code, "" if r.is_success else f"HTTP {r.status_code}"
+        except httpx.HTTPError as e:
+            status, error = 0, f"{type(e).__name__}: {e}"[:500]
+        now = time.time()
+        ok = 200 <= status < 300
+        outcome: dict[str, Any] = {
+            "status": status,
+            "ok": int(ok),
+            "attempts": attempt,
+            "error": error,
+            "at": now,
+        }
+        if ok:
+            outcome["state"] = "delivered"
+        elif attempt >= self.attempts:
+            outcome["state"] = "failed"
+        else:
+            outcome["due"] = now + min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+        if not self.meta.handle().finish(row["id"], token, outcome):
+            log.warning(
+                "webhook delivery %s: its lease ended before its outcome was recorded", row["delivery"]
+            )
+        if "due" in outcome:
+            self._wake.set()  # a worker waits for this retry's due time, not the poll
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
-        """Block until every queued delivery is done (tests, shutdown); False on timeout."""
+        """Block until no delivery is pending in the store (tests, shutdown); False on timeout."""
         deadline = time.monotonic() + timeout
-        with self._lock:
-            while self._pending:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._idle.wait(left)
+        while self.meta.handle().pending():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
         return True
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop the workers; an attempt in flight finishes (within `timeout`), pending rows stay."""
         self._stop.set()
+        self._wake.set()
         for t in self._threads:
             t.join(timeout)
