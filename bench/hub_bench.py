@@ -19,6 +19,16 @@ pull throughput, resolve latency (p50, p99), the servers' CPU time, wall time, a
 load average. PostgreSQL and moto start as the tests start them (tests/hub_services.py).
 
     python bench/hub_bench.py --team --clients 8 --ops 15
+
+`--commit` times commits of versions whose weights are one large blob (`--commit-mb`,
+default 64) on PostgreSQL + S3, before and after the commit checks used the upload's
+recorded facts (deltahub/hub/blobfacts.py): "before" is this working tree with the hub's
+commit path (api.py, blobs.py, blobstores.py) taken from `--before-rev`. Each side gets a
+fresh database, bucket and moto server; one upload, then `--commits` commits of the same
+weights under new version numbers: commit wall (median, max), upload wall, and the CPU
+time of the server and of moto over the commits, with the load average.
+
+    python bench/hub_bench.py --commit --commit-mb 64 --commits 5 --before-rev 40e3c27
 """
 
 from __future__ import annotations
@@ -294,6 +304,175 @@ def team_main(args: argparse.Namespace) -> None:
     sys.exit(0 if not errors else 1)
 
 
+COMMIT_PATH = ("deltahub/hub/api.py", "deltahub/hub/blobs.py", "deltahub/hub/blobstores.py")
+
+
+def before_tree(rev: str, root: Path) -> Path:
+    """This working tree's deltahub/, with the commit path as it was at `rev`."""
+    repo = Path(__file__).resolve().parents[1]
+    tree = root / "before"
+    shutil.copytree(repo / "deltahub", tree / "deltahub", ignore=shutil.ignore_patterns("__pycache__"))
+    for path in COMMIT_PATH:
+        old = subprocess.run(
+            ["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True, check=True
+        ).stdout
+        (tree / path).write_bytes(old)
+    (tree / "deltahub/hub/blobfacts.py").unlink(missing_ok=True)
+    return tree
+
+
+def commit_side(tree: Path, weights: Path, files: dict[str, Path], commits: int) -> dict:
+    """Upload once, then `commits` commits of the same weights; timings and CPU."""
+    import hashlib
+    import json
+
+    import httpx
+
+    from tests.hub_services import S3_ENV, fresh_bucket, fresh_database
+
+    env = {**os.environ, **S3_ENV}
+    moto_port = free_port()
+    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+    moto = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(moto_port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    server = None
+    try:
+        endpoint = f"http://127.0.0.1:{moto_port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", moto_port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("moto did not start") from None
+                time.sleep(0.1)
+        import tests.hub_services as hs
+
+        hs._state["s3"] = endpoint  # this side's own moto (its pid is ours to measure)
+        db, blobs = fresh_database(), fresh_bucket()
+        port = free_port()
+        args = [sys.executable, "-c", "from deltahub.cli.main import cli; cli()", "serve", "--home",
+                str(tree / "home"), "--port", str(port), "--log-level", "warning", "--db", db, "--blobs", blobs,
+                "--s3-endpoint-url", endpoint]  # fmt: skip
+        server = subprocess.Popen(args, cwd=tree, env=env)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("server did not start") from None
+                time.sleep(0.1)
+        token = subprocess.run(
+            [sys.executable, "-c", "import sys; from deltahub.hub.pgmeta import PostgresMeta; "
+             "print(PostgresMeta(sys.argv[1]).handle().tokens.create('write')[0])", db],
+            cwd=tree, env=env, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        auth = {"Authorization": f"Bearer {token}"}
+        name = "bench/big"
+        client = httpx.Client(base_url=url, headers=auth, timeout=600)
+
+        def put(data: bytes) -> tuple[str, float]:
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            t0 = time.perf_counter()
+            r = client.put(f"/v1/adapters/{name}/blobs/{digest}", content=data)
+            r.raise_for_status()
+            return digest, time.perf_counter() - t0
+
+        later = (af.MANIFEST_FILE, af.WEIGHTS_FILE)
+        digests = {f: put(p.read_bytes())[0] for f, p in files.items() if f not in later}
+        data = weights.read_bytes()
+        cpu0 = cpu_seconds(server.pid)
+        digests[af.WEIGHTS_FILE], upload_s = put(data)
+        upload_cpu = cpu_seconds(server.pid) - cpu0
+        manifest = json.loads(files[af.MANIFEST_FILE].read_bytes())
+        walls = []
+        load0 = os.getloadavg()[0]
+        cpu0, moto0 = cpu_seconds(server.pid), cpu_seconds(moto.pid)
+        for k in range(1, commits + 1):
+            manifest["name"], manifest["version"] = name, str(k)
+            m_digest, _ = put(json.dumps(manifest).encode())
+            t0 = time.perf_counter()
+            r = client.post(
+                f"/v1/adapters/{name}/versions", json={"files": {**digests, af.MANIFEST_FILE: m_digest}}
+            )
+            walls.append(time.perf_counter() - t0)
+            if r.status_code != 201:
+                raise RuntimeError(f"commit {k}: {r.status_code} {r.text[:300]}")
+        cpu, moto_cpu = cpu_seconds(server.pid) - cpu0, cpu_seconds(moto.pid) - moto0
+        client.close()
+        walls.sort()
+        return {
+            "median": walls[len(walls) // 2],
+            "max": walls[-1],
+            "upload": upload_s,
+            "upload_cpu": upload_cpu,
+            "cpu": cpu / commits,
+            "moto_cpu": moto_cpu / commits,
+            "load": (load0, os.getloadavg()[0]),
+        }
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(30)
+        moto.terminate()
+        moto.wait(30)
+
+
+def commit_main(args: argparse.Namespace) -> None:
+    root = Path(tempfile.mkdtemp(prefix="hub-commit-bench-"))
+    try:
+        # modules x (A: r x hidden + B: hidden x r) float32
+        hidden, r = 4096, 256
+        modules = max(1, round(args.commit_mb * 2**20 / (2 * hidden * r * 4)))
+        src = synthetic_lora(root / "src", 0, modules, hidden, r)
+        reg = Registry(root / "client")
+        v = reg.publish(src, "bench/big")
+        files = {f: reg.store.path(d) for f, d in v.files.items()}
+        weights = files[af.WEIGHTS_FILE]
+        mb = weights.stat().st_size / 2**20
+        sides = {}
+        for label, tree in (
+            ("before", before_tree(args.before_rev, root)),
+            ("after", Path(__file__).resolve().parents[1]),
+        ):
+            print(f"{label}: {args.commits} commits of a {mb:.0f} MiB blob ...", flush=True)
+            sides[label] = commit_side(tree, weights, files, args.commits)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    lines = [
+        "## hub: commit of a large blob on S3",
+        "",
+        f"Command: `python bench/hub_bench.py --commit --commit-mb {args.commit_mb} --commits {args.commits} "
+        f"--before-rev {args.before_rev}`",
+        f"Machine: {os.cpu_count()} CPU cores, shared with other work (see the load average); one `deltahub serve`, "
+        "PostgreSQL (throwaway cluster) and moto's S3 server on 127.0.0.1.",
+        "",
+        f"A LoRA version whose weights are one {mb:.0f} MiB blob, uploaded once, then {args.commits} commits "
+        "of it under new version numbers. Before: the commit downloaded every blob to check it; after: it "
+        "uses what the upload's streaming scan recorded and fetches the JSON files only.",
+        "",
+        "| commit path | commit wall (median / max) | server CPU per commit | moto CPU per commit "
+        "| upload wall | server CPU upload | load avg (1 min, start / end) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, r in sides.items():
+        lines.append(
+            f"| {label} | {r['median'] * 1e3:.0f} / {r['max'] * 1e3:.0f} ms | {r['cpu'] * 1e3:.0f} ms | "
+            f"{r['moto_cpu'] * 1e3:.0f} ms | {r['upload']:.2f} s | {r['upload_cpu']:.2f} s | "
+            f"{r['load'][0]:.1f} / {r['load'][1]:.1f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_write:
+        from bench_results import write_section
+
+        write_section(args.results, "hub: commit of a large blob on S3", text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=16)
@@ -304,8 +483,15 @@ def main() -> None:
     ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     ap.add_argument("--team", action="store_true", help="compare the storage back-ends (see above)")
+    ap.add_argument("--commit", action="store_true", help="time commits of a large blob on S3 (see above)")
+    ap.add_argument("--commit-mb", type=int, default=64)
+    ap.add_argument("--commits", type=int, default=5)
+    ap.add_argument("--before-rev", default="40e3c27", help="the revision whose commit path is 'before'")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.commit:
+        commit_main(args)
+        return
     if args.team:
         team_main(args)
         return
