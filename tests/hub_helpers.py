@@ -5,12 +5,15 @@ files and blob directory, `deltahub serve` with no flags) and "postgres+s3" (a f
 database on the tests' PostgreSQL cluster and a fresh bucket on moto's S3 server, from
 tests/hub_services.py; skipped, with the reason, where those engines are absent). A test
 module parametrizes its `hub` fixture with `params=BACKENDS` and uses the `Hub` methods
-below (has_blob, corrupt_blob, verify) instead of reaching into a home.
+below (has_blob, corrupt_blob, overwrite_blob, sql, token_store, another_server, verify)
+instead of reaching into a home.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -87,18 +90,48 @@ class Hub:
     def has_blob(self, digest: str) -> bool:
         return self.server.app.state.hub.store.has(digest)
 
-    def corrupt_blob(self, digest: str) -> None:
-        """Flip one byte of a stored blob in place, under its digest (a disk or bucket gone bad)."""
+    def raw_blob(self, digest: str) -> bytes:
+        """A stored blob's bytes as they are (unverified): the file, or the S3 object."""
         store = self.server.app.state.hub.store
         if store.kind == "local":
-            path = store.path(digest)
-            data = bytearray(path.read_bytes())
-            data[len(data) // 2] ^= 0xFF
-            path.write_bytes(bytes(data))
+            return store.path(digest).read_bytes()
+        return b"".join(store.chunks(digest))
+
+    def overwrite_blob(self, digest: str, data: bytes) -> None:
+        """Replace a stored blob's bytes under its digest, past every check (a disk or bucket gone bad)."""
+        store = self.server.app.state.hub.store
+        if store.kind == "local":
+            store.path(digest).write_bytes(data)
         else:
-            data = bytearray(b"".join(store.chunks(digest)))
-            data[len(data) // 2] ^= 0xFF
-            store.s3.put_object(Bucket=store.bucket, Key=store.key(digest), Body=bytes(data))
+            store.s3.put_object(Bucket=store.bucket, Key=store.key(digest), Body=data)
+
+    def corrupt_blob(self, digest: str) -> None:
+        """Flip one byte of a stored blob in place, same size, under its digest."""
+        data = bytearray(self.raw_blob(digest))
+        data[len(data) // 2] ^= 0xFF
+        self.overwrite_blob(digest, bytes(data))
+
+    def sql(self, statement: str) -> None:
+        """Run one SQL statement on the hub's metadata database (registry.db or PostgreSQL),
+        as an older hub or an operator could have written it."""
+        if self.stores.get("db"):
+            import psycopg
+
+            with psycopg.connect(self.stores["db"], autocommit=True) as conn:
+                conn.execute(statement)
+        else:
+            with contextlib.closing(sqlite3.connect(self.home / "registry.db")) as db, db:
+                db.execute(statement)
+
+    def token_store(self) -> Any:
+        """This hub's token store (close it after use)."""
+        return token_store(self.home, self.stores)
+
+    @contextmanager
+    def another_server(self, **kw: Any) -> Iterator[ServerThread]:
+        """One more server over this hub's stores, with other settings (`ServerThread` keywords)."""
+        with ServerThread(self.home, **self.stores, **kw) as server:
+            yield server
 
     def verify(self) -> Any:
         from deltahub.hub.admin import verify_hub
@@ -115,7 +148,10 @@ def token_store(home: Path, stores: dict[str, Any] | None = None) -> Any:
     if stores and stores.get("db"):
         from deltahub.hub.pgmeta import PostgresMeta
 
-        return PostgresMeta(stores["db"]).handle().tokens
+        meta = PostgresMeta(stores["db"])
+        tokens = meta.handle().tokens
+        tokens.close = meta.close  # its connection closes with the store
+        return tokens
     return TokenStore(home)
 
 
@@ -150,6 +186,12 @@ def start_hub(tmp_path: Path, backend: str = "embedded", **kw: Any) -> Iterator[
     tokens = make_tokens(home, stores)
     with ServerThread(home, **stores, **kw) as server:
         yield Hub(server.url, home, server, tokens, backend, stores)
+
+
+@contextmanager
+def running_hub(tmp_path: Path, backend: str = "embedded", **kw: Any) -> Iterator[Hub]:
+    """`start_hub` as a context manager, for a test that needs its own settings."""
+    yield from start_hub(tmp_path, backend, **kw)
 
 
 def published(home: Path, name: str = "team/alpha", seed: int = 0, **kw: object) -> Registry:
