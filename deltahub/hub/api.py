@@ -170,6 +170,13 @@ def _check_strict_json(fname: str, path: Path) -> None:
         raise InvalidArtifact("json-depth", f"{fname} is nested too deeply") from None
 
 
+def _stat(hub: HubState, digest: str) -> tuple[int, str | None] | None:
+    try:
+        return hub.store.stat(digest)
+    except NotFound:
+        return None
+
+
 def _commit(
     hub: HubState, info: TokenInfo | None, name: str, files: dict[str, str], tags: list[str]
 ) -> tuple[dict[str, Any], bool]:
@@ -182,15 +189,16 @@ def _commit(
         check_digest(digest)
     # A blob counts as present only if this token may use it (linked to its namespace):
     # a writer cannot commit another namespace's blobs without uploading them.
+    stats = {d: _stat(hub, d) for d in set(files.values())}  # one HEAD each on S3, kept for the checks
     missing = sorted(
-        f"{f} ({d})" for f, d in files.items() if not (hub.store.has(d) and hub.can_use_blob(info, d))
+        f"{f} ({d})" for f, d in files.items() if not (stats[d] is not None and hub.can_use_blob(info, d))
     )
     if missing:
         raise MissingBlobs(missing)
     if af.MANIFEST_FILE not in files:
         raise InvalidArtifact("missing-file", f"a committed version needs its {af.MANIFEST_FILE}")
     # Tensor data is not read again here: the upload's scan left its facts (blobfacts.py).
-    with blobfacts.commit_view(hub.store, reg, files) as (paths, facts):
+    with blobfacts.commit_view(hub.store, reg, files, stats) as (paths, facts):
         for fname, path in paths.items():
             if fname.endswith(".json"):
                 _check_strict_json(fname, path)

@@ -224,9 +224,10 @@ def _scan_stream(store: Any, handle: Any, digest: str, etag: str | None) -> Fact
     return Facts(digest, result, etag)
 
 
-def facts_for(store: Any, handle: Any, digest: str) -> Facts:
-    """Facts of a stored blob that still describe it (scanned now if none do)."""
-    size, etag = store.stat(digest)
+def facts_for(store: Any, handle: Any, digest: str, stat: tuple[int, str | None] | None = None) -> Facts:
+    """Facts of a stored blob that still describe it (scanned now if none do); `stat`:
+    its (size, ETag) if the caller just asked the store."""
+    size, etag = stat or store.stat(digest)
     facts = get(handle, digest)
     if facts is not None and facts.scan.size == size and facts.etag == etag:
         return facts
@@ -242,13 +243,15 @@ def _stand_in(path: Path, head: bytes, size: int) -> None:
 
 @contextlib.contextmanager
 def commit_view(
-    store: Any, handle: Any, files: dict[str, str]
+    store: Any, handle: Any, files: dict[str, str], stats: dict[str, Any] | None = None
 ) -> Iterator[tuple[dict[str, Path], Facts | None]]:
     """Local paths for a commit's checks, and the weights' facts (None: not known yet).
 
     A local store's blobs are files already. From S3 the JSON files (and a README) come
     whole and hash-checked; the weights as a stand-in from their facts (see above).
+    `stats`: {digest: (size, ETag)} the caller already has (saves a HEAD per blob).
     """
+    stats = stats or {}
     weights = files.get(af.WEIGHTS_FILE)
     if store.kind == "local":
         facts = get(handle, weights) if weights else None
@@ -260,10 +263,10 @@ def commit_view(
         for fname, digest in files.items():
             path = paths[fname] = tmp / fname
             if fname == af.WEIGHTS_FILE:
-                facts = facts_for(store, handle, digest)
+                facts = facts_for(store, handle, digest, stats.get(digest))
                 _stand_in(path, facts.scan.head, facts.scan.size)
                 continue
-            size = store.stat(digest)[0]
+            size = (stats.get(digest) or store.stat(digest))[0]
             if fname.endswith(".json") and size > MAX_JSON_FETCH:
                 _stand_in(path, b"", size)  # fails its size check unread
             else:
