@@ -40,16 +40,31 @@ def _backends(db: str) -> Callable[[], int]:
 
 
 def _terminate_all(db: str) -> int:
+    """End every backend connected to `db`, as a restart does, and wait until they are gone."""
     import psycopg
 
     from tests.hub_services import pg_server_url
 
     with psycopg.connect(pg_server_url(), autocommit=True) as conn:
-        rows = conn.execute(
-            "select pg_terminate_backend(pid) from pg_stat_activity where datname = %s and pid <> pg_backend_pid()",
-            [db.rsplit("/", 1)[1]],
-        ).fetchall()
-    return len(rows)
+        pids = [
+            r[0]
+            for r in conn.execute(
+                "select pid from pg_stat_activity where datname = %s and pid <> pg_backend_pid()",
+                [db.rsplit("/", 1)[1]],
+            ).fetchall()
+        ]
+        for pid in pids:
+            conn.execute("select pg_terminate_backend(%s)", [pid])
+        gone = _wait(
+            lambda: (
+                conn.execute("select count(*) from pg_stat_activity where pid = any(%s)", [pids]).fetchone()[
+                    0
+                ]
+                == 0
+            )
+        )
+        assert gone, f"backends {pids} still there"
+    return len(pids)
 
 
 def _wait(ok: Callable[[], bool], seconds: float = 10.0) -> bool:
@@ -98,6 +113,22 @@ def test_the_pool_bounds_connections_and_closes_them() -> None:
     assert meta.pool.get_stats()["pool_size"] <= 3
     meta.close()
     assert _wait(lambda: count() == 0), "connections left open after close()"
+
+
+def test_a_borrowed_connection_is_never_one_whose_backend_ended() -> None:
+    from deltahub.hub.pgmeta import PostgresMeta
+    from tests.hub_services import fresh_database
+
+    db = fresh_database()
+    meta = PostgresMeta(db, pool_size=2)
+    h = meta.handle()
+    with h.session() as a, h.session() as b:  # nested: the same connection
+        assert a is b
+    before = h.one("select pg_backend_pid() as pid")["pid"]
+    assert _terminate_all(db) >= 1
+    after = h.one("select pg_backend_pid() as pid")["pid"]  # no error: a new backend
+    assert after != before
+    meta.close()
 
 
 def test_requests_survive_terminated_backends(tmp_path: Path) -> None:
