@@ -18,7 +18,8 @@ non-zero weights, frozen, fused (deltahub: per-layer fusion, the default):
   down to the first fusion site (layer 0's FFN output; input gradients only, no weight
   gradients). Any exact fusion step pays at least this to reach layer 0's fusion
   parameters, so a step <= 0.5x AdapterHub's is attainable only where AdapterHub's step /
-  floor >= 2.
+  floor >= 2 (and more than that: both steps also pay AdamW over ~21 M fusion
+  parameters, timed alone as "adamw": the step with fake gradients, then zero_grad).
 
 The forward's floor is arithmetic (printed per N): an exact Fuse(N) forward needs at each
 site the N down-projections (d x R), the scores' bilinear factors (d x R, Q^T K folded
@@ -162,8 +163,19 @@ def variants_of(lib: str, base: Any, n: int, ids: Any, mask: Any) -> tuple[dict[
         f"{lib}:fuse": (prepare(True, False), forward),
         f"{lib}:step": (prepare(True, True), step),
     }
+
+    def with_grads() -> None:
+        model.train(True)
+        for p in fusion_params:
+            p.grad = torch.full_like(p, 1e-3)
+
+    def adamw() -> None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     if lib == "deltahub":
         variants["floor"] = (prepare(False, True), floor)
+        variants["adamw"] = (with_grads, adamw)  # the optimizer's share of a step (both libraries pay it)
     return variants, sum(p.numel() for p in fusion_params)
 
 
@@ -174,6 +186,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--forward-only", action="store_true", help="time only the forwards (more rounds in the same time)"
+    )
     args = ap.parse_args()
     import adapters
     import transformers
@@ -193,7 +208,7 @@ def main() -> None:
     d, layer_macs = 768, 12 * 768 * 768 + 2 * args.seq * 768  # per token and layer
     print(
         "\n| N | forward floor (MACs) | deltahub Fuse fwd overhead, CPU (wall) | adapters Fuse fwd overhead, CPU (wall) | "
-        "step deltahub / adapters, CPU (wall) | step s, deltahub / adapters / floor (CPU) | "
+        "step deltahub / adapters, CPU (wall) | CPU s: step deltahub / adapters / floor / AdamW alone | "
         "adapters step / floor, CPU (wall) | deltahub step / floor, CPU | fusion params, deltahub / adapters |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
@@ -201,6 +216,8 @@ def main() -> None:
         ours, p_ours = variants_of("deltahub", base, n, ids, mask)
         theirs, p_theirs = variants_of("adapters", base, n, ids, mask)
         variants = {**ours, **theirs}
+        if args.forward_only:
+            variants = {k: v for k, v in variants.items() if k.endswith((":base", ":fuse"))}
         times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
         for v in variants.values():
             once(v)  # warm-up
@@ -220,16 +237,25 @@ def main() -> None:
 
         oc, ow = paired("deltahub:fuse", "deltahub:base")
         ac, aw = paired("adapters:fuse", "adapters:base")
+        floor_fwd = 3 * d * 48 * n / layer_macs
+        if args.forward_only:
+            print(
+                f"| {n} | {100 * floor_fwd:+.1f}% | {100 * (oc - 1):+.0f}% ({100 * (ow - 1):+.0f}%) | "
+                f"{100 * (ac - 1):+.0f}% ({100 * (aw - 1):+.0f}%) | - | - | - | - | {p_ours:,} / {p_theirs:,} |",
+                flush=True,
+            )
+            continue
         sc, sw = paired("deltahub:step", "adapters:step")
         fc, fw = paired("adapters:step", "floor")
         dc, _ = paired("deltahub:step", "floor")
         so = statistics.median(t[0] for t in times["deltahub:step"])
         sa = statistics.median(t[0] for t in times["adapters:step"])
         sf = statistics.median(t[0] for t in times["floor"])
-        floor_fwd = 3 * d * 48 * n / layer_macs
+        sopt = statistics.median(t[0] for t in times["adamw"])
         print(
             f"| {n} | {100 * floor_fwd:+.1f}% | {100 * (oc - 1):+.0f}% ({100 * (ow - 1):+.0f}%) | "
-            f"{100 * (ac - 1):+.0f}% ({100 * (aw - 1):+.0f}%) | {sc:.2f}x ({sw:.2f}x) | {so:.2f} / {sa:.2f} / {sf:.2f} | "
+            f"{100 * (ac - 1):+.0f}% ({100 * (aw - 1):+.0f}%) | {sc:.2f}x ({sw:.2f}x) | "
+            f"{so:.2f} / {sa:.2f} / {sf:.2f} / {sopt:.2f} | "
             f"{fc:.2f}x ({fw:.2f}x) | {dc:.2f}x | {p_ours:,} / {p_theirs:,} |",
             flush=True,
         )
