@@ -15,7 +15,8 @@ Before a local blob is served, its (inode, size, mtime, ctime) is compared with 
 its last successful hash check (`blob_checks` in the metadata store); if anything
 changed, the file is hashed again, and a blob whose bytes no longer match its digest is
 never served: the answer is a 500 (details, with the path, in the server log). Where
-the blobs live on S3 they stream through, or redirect to a presigned URL (blobstores.py).
+the blobs live on S3 the same holds with (size, ETag) as the key (the facts the upload
+recorded, blobfacts.py); then they stream through, or redirect to a presigned URL.
 """
 
 from __future__ import annotations
