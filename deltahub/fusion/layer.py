@@ -538,7 +538,7 @@ def _train_plan(h: Tensor, sizes: list[int], d: int) -> tuple[str, str]:
       V (WC w): 3 T d^2 + 2 T d R'.
 
     So folding pays below R' of about 6 T d / (5 d + T) for the scores and 3 T d / (2 d + T)
-    for the values: on bert-base with 256 tokens, up to about 5 and 7 Pfeiffer adapters.
+    for the values: on bert-base with 256 tokens, up to 5 and 6 Pfeiffer adapters.
     """
     T = h.numel() // max(1, h.shape[-1])
     Rp = sum(sizes) + len(sizes)
