@@ -139,7 +139,9 @@ def test_serve_applies_its_connection_limits(tmp_path: Path, backend: str) -> No
         tokens = token_store(home, stores)
         read = tokens.create("read")[0]
         tokens.close()
-        r = httpx.get(f"http://127.0.0.1:{port}/v1/adapters", headers={"Authorization": f"Bearer {read}"})
+        r = httpx.get(
+            f"http://127.0.0.1:{port}/v1/adapters", headers={"Authorization": f"Bearer {read}"}, timeout=30
+        )
         assert r.status_code == 200 and r.json() == [], r.text
     finally:
         proc.terminate()

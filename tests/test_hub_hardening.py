@@ -188,12 +188,17 @@ def test_blobs_are_scoped_per_namespace(hub: Hub, tmp_path: Path) -> None:
 
     # A writer cannot commit another namespace's blobs without uploading them itself.
     writer = _auth(hub.tokens["write_other"])
-    r = httpx.post(f"{hub.url}/v1/adapters/other/copy/versions", json={"files": v.files}, headers=writer)
+    r = httpx.post(
+        f"{hub.url}/v1/adapters/other/copy/versions", json={"files": v.files}, headers=writer, timeout=30
+    )
     assert r.status_code == 400 and r.json()["error"] == "missing-blobs"
     assert len(r.json()["missing"]) == len(v.files)
     # Uploading the bytes proves possession and links the blob to the namespace.
     _put(hub.url, hub.tokens["write_other"], "other/copy", local.store.path(weights).read_bytes())
-    assert httpx.head(f"{hub.url}/v1/blobs/{weights}", headers=_auth(other_reader)).status_code == 200
+    assert (
+        httpx.head(f"{hub.url}/v1/blobs/{weights}", headers=_auth(other_reader), timeout=30).status_code
+        == 200
+    )
 
 
 def test_cache_control_is_private_unless_the_hub_is_public_read(hub: Hub, tmp_path: Path) -> None:
@@ -503,7 +508,10 @@ def test_a_full_disk_is_a_507_without_paths(hub: Hub, monkeypatch: pytest.Monkey
     data = b"some bytes"
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     r = httpx.put(
-        f"{hub.url}/v1/adapters/team/alpha/blobs/{digest}", content=data, headers=_auth(hub.tokens["write"])
+        f"{hub.url}/v1/adapters/team/alpha/blobs/{digest}",
+        content=data,
+        headers=_auth(hub.tokens["write"]),
+        timeout=30,
     )
     assert r.status_code == 507 and r.json()["error"] == "storage-full"
     assert "no space left" in r.json()["message"] and str(hub.home) not in r.text
