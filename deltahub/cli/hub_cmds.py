@@ -76,7 +76,11 @@ def _meta(home: str | None, db_url: str | None) -> Any:
     """This thread's handle on the hub's metadata store (the home's hub.db, or PostgreSQL)."""
     from deltahub.hub.meta import open_meta
 
-    return open_meta(db_url, home).handle()
+    store = open_meta(db_url, home)
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:  # close the store (its PostgreSQL pool) when the command ends
+        ctx.call_on_close(store.close)
+    return store.handle()
 
 
 # ----------------------------------------------------------------------------- serve
