@@ -46,6 +46,7 @@ from deltahub.registry.refs import Ref, check_name, check_tag, check_version, pa
 from deltahub.registry.version import Page, Version, check_limit, decode_cursor, encode_cursor, version_key
 
 POOL_SIZE_ENV = "DELTAHUB_DB_POOL_SIZE"
+DB_NOW = "extract(epoch from statement_timestamp())::float8"
 DEFAULT_POOL_SIZE = 8
 
 
@@ -555,28 +556,25 @@ class PgHandle:
         with self._tx(), self.conn.cursor() as cur:
             cur.executemany(
                 "insert into deliveries (hook_id, event, delivery, url, payload, state, ok, attempts, due, at)"
-                " values (%s, %s, %s, %s, %s, 'pending', false, 0, %s, %s)",
-                [
-                    (r["hook_id"], r["event"], r["delivery"], r["url"], r["payload"], r["due"], r["due"])
-                    for r in rows
-                ],
+                f" values (%s, %s, %s, %s, %s, 'pending', false, 0, {DB_NOW}, %s)",
+                [(r["hook_id"], r["event"], r["delivery"], r["url"], r["payload"], r["due"]) for r in rows],
             )
 
     @borrowing
     def claim(self, limit: int, lease: float, token: str) -> tuple[list[dict[str, Any]], float | None]:
-        now = time.time()
+        # Due and lease by the database's clock: servers on other machines may disagree.
         with self._tx():
             rows = self.all(
                 "select d.id, d.hook_id, d.event, d.delivery, d.url, d.payload, d.attempts, w.secret"
                 " from deliveries d left join webhooks w on w.id = d.hook_id"
-                " where d.state = 'pending' and d.due <= %s order by d.due, d.id limit %s"
+                f" where d.state = 'pending' and d.due <= {DB_NOW} order by d.due, d.id limit %s"
                 " for update of d skip locked",
-                [now, limit],
+                [limit],
             )
             if rows:
                 self.execute(
-                    "update deliveries set due = %s, claim = %s where id = any(%s)",
-                    [now + lease, token, [r["id"] for r in rows]],
+                    f"update deliveries set due = {DB_NOW} + %s, claim = %s where id = any(%s)",
+                    [lease, token, [r["id"] for r in rows]],
                 )
                 return rows, None
         soonest = self.one("select min(due) as due from deliveries where state = 'pending'")
@@ -584,15 +582,14 @@ class PgHandle:
 
     @borrowing
     def finish(self, delivery_id: int, token: str, outcome: dict[str, Any]) -> bool:
-        cols = list(outcome)
-        sets = ", ".join(f"{c} = %s" for c in cols)
-        return (
-            self.execute(
-                f"update deliveries set {sets}, claim = null where id = %s and claim = %s and state = 'pending'",
-                [*(bool(outcome[c]) if c == "ok" else outcome[c] for c in cols), delivery_id, token],
-            )
-            == 1
-        )
+        cols = [c for c in outcome if c != "due"]
+        sets = [f"{c} = %s" for c in cols]
+        params = [bool(outcome[c]) if c == "ok" else outcome[c] for c in cols]
+        if "due" in outcome:  # the next attempt: the same delay, by the database's clock
+            sets.append(f"due = {DB_NOW} + %s")
+            params.append(max(0.0, outcome["due"] - time.time()))
+        sql = f"update deliveries set {', '.join(sets)}, claim = null where id = %s and claim = %s and state = 'pending'"
+        return self.execute(sql, [*params, delivery_id, token]) == 1
 
     def pending(self) -> int:
         return self.one("select count(*) as n from deliveries where state = 'pending'")["n"]
