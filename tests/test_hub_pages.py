@@ -12,13 +12,24 @@ from pathlib import Path
 import httpx
 import pytest
 
+from deltahub.hub.client import HubClient, push
 from deltahub.registry import Registry
-from tests.hub_helpers import Hub, lora_dir, start_hub
+from tests.hub_helpers import BACKENDS, Hub, lora_dir, start_hub
 
 
-@pytest.fixture
-def hub(tmp_path: Path) -> Iterator[Hub]:
-    yield from start_hub(tmp_path)
+@pytest.fixture(params=BACKENDS)
+def hub(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Hub]:
+    yield from start_hub(tmp_path, request.param)
+
+
+def publish_all(hub: Hub, tmp_path: Path, names: list[str], description: str = "pageable adapter") -> None:
+    """Publish `names` in order (one version each, distinct weights) and push each version,
+    so the hub's own store (SQLite or PostgreSQL) allocates and pages them."""
+    reg = Registry(tmp_path / "client")
+    writer = HubClient(hub.url, hub.tokens["write"])
+    for i, name in enumerate(names):
+        v = reg.publish(lora_dir(tmp_path / f"art{i}", seed=i), name=name, description=description)
+        push(v.ref, writer, reg)
 
 
 def follow(hub: Hub, path: str, params: dict[str, str]) -> tuple[list[str], int]:
@@ -39,12 +50,7 @@ def follow(hub: Hub, path: str, params: dict[str, str]) -> tuple[list[str], int]
 
 
 def test_list_search_and_versions_page_with_a_cursor(hub: Hub, tmp_path: Path) -> None:
-    reg = Registry(hub.home)
-    art = lora_dir(tmp_path / "art")
-    for i in range(5):
-        reg.publish(art, name=f"team/a{i}", description="pageable adapter")
-    for _ in range(4):
-        reg.publish(art, name="team/a0")
+    publish_all(hub, tmp_path, [f"team/a{i}" for i in range(5)] + ["team/a0"] * 4)
     assert follow(hub, "/v1/adapters", {"limit": "2"}) == (
         ["team/a0@5", "team/a1@1", "team/a2@1", "team/a3@1", "team/a4@1"],
         3,
@@ -59,7 +65,7 @@ def test_list_search_and_versions_page_with_a_cursor(hub: Hub, tmp_path: Path) -
 
 
 def test_a_bad_cursor_or_limit_is_a_400(hub: Hub, tmp_path: Path) -> None:
-    Registry(hub.home).publish(lora_dir(tmp_path / "art"), name="team/a")
+    publish_all(hub, tmp_path, ["team/a"])
     headers = {"Authorization": f"Bearer {hub.tokens['read']}"}
     for path, params in (
         ("/v1/adapters", {"cursor": "garbage"}),
