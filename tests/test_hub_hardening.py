@@ -144,6 +144,28 @@ def test_a_tampered_or_truncated_blob_is_never_served(hub: Hub, tmp_path: Path) 
         pull("team/alpha", HubClient(hub.url, hub.tokens["read"]), Registry(tmp_path / "b"))
 
 
+@pytest.mark.parametrize("hub", ["postgres+s3"], indirect=True)  # S3 only: a local blob is hashed on read
+def test_an_s3_blob_swapped_after_its_check_is_not_streamed(
+    hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deltahub.hub import blobfacts
+
+    local = _pushed(hub, tmp_path)
+    weights = local.resolve("team/alpha").files["adapter_model.safetensors"]
+    data = bytearray(hub.raw_blob(weights))
+    data[len(data) // 2] ^= 0xFF
+    checked = blobfacts.facts_for
+
+    def check_then_swap(*args: Any, **kw: Any) -> Any:
+        facts = checked(*args, **kw)  # the object passes its check ...
+        hub.overwrite_blob(weights, bytes(data))  # ... and is replaced before it streams
+        return facts
+
+    monkeypatch.setattr(blobfacts, "facts_for", check_then_swap)
+    r = httpx.get(f"{hub.url}/v1/blobs/{weights}", headers=_auth(hub.tokens["read"]), timeout=30)
+    assert r.status_code == 500 and r.json()["error"] == "corrupt-blob", (r.status_code, r.text[:200])
+
+
 @pytest.mark.parametrize("hub", WITH_REDIRECT, indirect=True)
 def test_huggingface_hub_refuses_a_tampered_blob(
     hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

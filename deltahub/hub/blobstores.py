@@ -414,7 +414,10 @@ class S3Blobs:
         public: bool,
         headers: dict[str, str] | None = None,
         range_header: str | None = None,
+        if_match: str | None = None,
     ) -> Response:
+        """`if_match`: the ETag the blob was checked at; a GET streams only that object
+        (S3 answers 412 if it was replaced since, which is a corrupt blob here)."""
         base = {**blob_headers(digest, public), **(headers or {})}
         if method == "HEAD":
             size = self.size(digest)
@@ -427,10 +430,22 @@ class S3Blobs:
             if not self.has(digest):
                 raise NotFound(f"blob {digest} is not on this hub")
             return RedirectResponse(self.presigned_url(digest), status_code=302, headers=base)
-        return self._stream(digest, base, range_header)
+        return self._stream(digest, base, range_header, if_match)
 
-    def _stream(self, digest: str, base: dict[str, str], headers_range: str | None) -> Response:
-        obj = self._get(digest, **({"Range": headers_range} if headers_range else {}))
+    def _stream(
+        self, digest: str, base: dict[str, str], headers_range: str | None, if_match: str | None = None
+    ) -> Response:
+        kw = {"Range": headers_range} if headers_range else {}
+        if if_match:
+            kw["IfMatch"] = if_match
+        try:
+            obj = self._get(digest, **kw)
+        except self._client_error as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                raise CorruptBlob(
+                    f"blob {digest} is corrupt on this hub (replaced after its check); not served"
+                ) from None
+            raise
         body = obj["Body"]
 
         def chunks() -> Iterator[bytes]:
