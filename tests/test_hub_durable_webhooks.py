@@ -326,5 +326,6 @@ def test_an_existing_postgres_schema_upgrades_in_place() -> None:
     assert {r["delivery"]: r["state"] for r in h.deliveries()} == {"old-ok": "delivered", "old-bad": "failed"}
     assert h.pending() == 0 and h.claim(10, 30.0, "t") == ([], None)
     with psycopg.connect(db) as conn:
-        assert conn.execute("select version from deltahub_schema order by 1").fetchall() == [(1,), (2,)]
+        versions = conn.execute("select version from deltahub_schema order by 1").fetchall()
+        assert versions == [(v,) for v in range(1, len(MIGRATIONS) + 1)]
     meta.close()

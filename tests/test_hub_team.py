@@ -32,6 +32,7 @@ from click.testing import CliRunner
 from deltahub.cli.main import cli
 from deltahub.errors import InvalidConfig, NotFound
 from deltahub.hub.client import HubClient, TransientError, pull, push
+from deltahub.hub.pgschema import MIGRATIONS
 from deltahub.registry import Registry
 from tests.hub_helpers import backend_stores, export_bytes, lora_dir, published, start_hub
 from tests.hub_services import S3_ENV, _wait_port, free_port
@@ -105,7 +106,7 @@ class Team:
 def team(tmp_path: Path) -> Iterator[Team]:
     stores = backend_stores("postgres+s3")
     r = CliRunner().invoke(cli, ["hub", "migrate", "--db", stores["db"]])
-    assert r.exit_code == 0 and "schema at version 2 (was 0)" in r.output, r.output
+    assert r.exit_code == 0 and f"schema at version {len(MIGRATIONS)} (was 0)" in r.output, r.output
     r = CliRunner().invoke(
         cli, ["token", "create", "--db", stores["db"], "--scope", "write", "--namespace", "team"]
     )
@@ -369,7 +370,12 @@ def test_schema_migration_is_idempotent_and_required(tmp_path: Path) -> None:
     for t in threads:
         t.join(60)
     assert all(r.exit_code == 0 for r in results), [r.output for r in results]
-    assert _db_rows(db, "select version from deltahub_schema") == [(1,), (2,)]
+    assert _db_rows(db, "select version from deltahub_schema") == [
+        (v,) for v in range(1, len(MIGRATIONS) + 1)
+    ]
+    assert _db_rows(db, "select count(*) from blob_facts") == [
+        (0,)
+    ]  # made by `hub migrate`, not on first use
     PostgresMeta(db, create=False).close()
     with pytest.raises(InvalidConfig, match="PostgreSQL metadata"):
         open_stores(None, "s3://bucket/x", tmp_path)

@@ -100,6 +100,15 @@ MIGRATIONS: list[str] = [
     alter table deliveries alter column state drop default;
     create index deliveries_due on deliveries (due) where state = 'pending';
     """,
+    # 3: what each upload's streaming scan saw (blobfacts.py), so a commit on S3 checks a
+    # version without downloading its weights. Servers before this migration created the
+    # table on first use, hence "if not exists"; a role without CREATE now gets it here.
+    """
+    create table if not exists blob_facts (
+        digest text primary key, size bigint not null, etag text, head bytea not null,
+        tensors text, finite boolean, bad text, recorded double precision not null
+    );
+    """,
 ]
 
 
