@@ -10,8 +10,9 @@ deltahub loads PEFT's directories).
 Measures, every variant timed once per round, rounds interleaved (the order reversed
 every other round) so that load from other processes hits the variants alike:
 
-  0. one site's kernel: the gathered slot computation (`slots.gathered_delta`) vs the
-     per-adapter loop over the same rows, K distinct adapters among 64 rows;
+  0. one site's kernel: the gathered slot computation (`slots.gathered_delta`) and the
+     runs of rows in place (`slots.segmented_add_`, what a CPU uses) vs the per-adapter
+     loop over the same rows, K distinct adapters among 64 rows of `--seq` tokens;
   1. unmerged LoRA forward / bare base forward (batch 8 x 128), deltahub and PEFT;
   2. per-row routing, 64 rows x `--seq` tokens, K distinct adapters (row i gets
      adapter i mod K) / the same batch with one adapter, deltahub (`adapter_names`) and
@@ -92,29 +93,42 @@ def lora_mac_share(base: torch.nn.Module, r: int, seq: int) -> tuple[float, floa
     return lora / linear, lora / (linear + attention)
 
 
-def kernel_bench(rounds: int, ks: list[int]) -> None:
-    """One 512 -> 512 site, r=16, 64 rows x 8 tokens: gathered vs per-adapter loop."""
-    from deltahub.compose.slots import SlotBank, gathered_delta
+def kernel_bench(rounds: int, ks: list[int], t: int) -> None:
+    """One 512 -> 512 site, r=16, 64 rows x `t` tokens: the gathered bmm pair, the
+    in-place runs over views of the slots, and the per-adapter loop."""
+    from deltahub.compose.slots import SlotBank, gathered_delta, run_pieces, segmented_add_, slot_runs
+    from deltahub.methods.lora.layer import LoraLayer
 
-    d, r, rows, t = 512, 16, 64, 8
+    d, r, rows = 512, 16, 64
     g = torch.Generator().manual_seed(0)
     n = max(ks)
     bank = SlotBank(d, d, torch.float32, torch.device("cpu"))
-    bank.ensure(n, n, r)
-    bank.At[1:] = torch.randn(n, d, r, generator=g) * 0.02
-    bank.Bt[1:] = torch.randn(n, r, d, generator=g) * 0.02
+    site = torch.nn.Linear(d, d)
+    for s in range(1, n + 1):
+        layer = LoraLayer(site, r, scaling=2.0, use_dora=False, dtype=torch.float32)
+        with torch.no_grad():
+            layer.lora_A.copy_(torch.randn(r, d, generator=g) * 0.02)
+            layer.lora_B.copy_(torch.randn(d, r, generator=g) * 0.02)
+        bank.put(s, layer, n)
     x = torch.randn(rows, t, d, generator=g)
-    print("\n0. one site (512 -> 512, r 16, 64 rows x 8 tokens): CPU ms per call, gathered / loop")
+    print(f"\n0. one site (512 -> 512, r 16, 64 rows x {t} tokens): CPU ms per call and / loop")
     reps = 20
-    print("| K | gathered (bmm) | per-adapter loop (index_select, 2 matmuls, index_add_) | gathered / loop |")
-    print("|---|---|---|---|")
+    print(
+        "| K | gathered (bmm pair) | runs in place (`segmented_add_`) | per-adapter loop | gathered / loop | runs / loop |"
+    )
+    print("|---|---|---|---|---|---|")
     for k in ks:
         slots = torch.arange(rows) % k + 1
         groups = [(s, (slots == s).nonzero().flatten()) for s in range(1, k + 1)]
+        pieces = run_pieces(slot_runs(slots.tolist()), rows, t)
 
         def gathered(slots=slots):
             y = torch.zeros(rows, t, d)
             y.add_(gathered_delta(x, slots, bank))
+
+        def segmented(pieces=pieces):
+            y = torch.zeros(rows, t, d)
+            segmented_add_(y, x, pieces, bank)
 
         def loop(groups=groups):
             y = torch.zeros(rows, t, d)
@@ -125,11 +139,11 @@ def kernel_bench(rounds: int, ks: list[int]) -> None:
         def rep(f):
             return lambda: [f() for _ in range(reps)]
 
-        tt = interleaved({"g": rep(gathered), "l": rep(loop)}, rounds)
-        cpu, _ = paired(tt, "g", "l")
-        gm = statistics.median(v[0] for v in tt["g"]) / reps * 1e3
-        lm = statistics.median(v[0] for v in tt["l"]) / reps * 1e3
-        print(f"| {k} | {gm:.3f} | {lm:.3f} | {cpu:.2f}x |")
+        tt = interleaved({"g": rep(gathered), "s": rep(segmented), "l": rep(loop)}, rounds)
+        gl, _ = paired(tt, "g", "l")
+        sl, _ = paired(tt, "s", "l")
+        ms = {v: statistics.median(c for c, _ in tt[v]) / reps * 1e3 for v in "gsl"}
+        print(f"| {k} | {ms['g']:.3f} | {ms['s']:.3f} | {ms['l']:.3f} | {gl:.2f}x | {sl:.2f}x |")
 
 
 def main() -> None:
@@ -147,7 +161,7 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()}")
     print(f"threads: {torch.get_num_threads()}  torch {torch.__version__}  rounds {args.rounds}")
     if "0" in args.sections:
-        kernel_bench(args.rounds, ks)
+        kernel_bench(args.rounds, ks, args.seq)
     if "1" not in args.sections and "2" not in args.sections:
         return
 

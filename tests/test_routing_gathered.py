@@ -12,25 +12,45 @@ import torch
 
 from deltahub import AdaptedModel, load_base
 from deltahub.compose import routing, slots
-from deltahub.compose.slots import SlotBank, SlotTable, gathered_delta, looped_delta
+from deltahub.compose.slots import (
+    SlotBank,
+    SlotTable,
+    gathered_delta,
+    looped_delta,
+    run_pieces,
+    segmented_add_,
+    slot_runs,
+)
 from deltahub.methods.lora.layer import LoraLayer
 from tests.compose_helpers import ids, out_of, randomize, tiny
 
 TOL = 1e-5
 
 
-@pytest.fixture
-def gathers(monkeypatch):
-    """Force the gathered path at every site (a tiny model is below its CPU cost rule)
-    and count its calls."""
-    monkeypatch.setattr(slots, "CPU_ELEMENTS_PER_ADAPTER", 10**12)
+@pytest.fixture(params=["gathered", "segmented"])
+def gathers(request, monkeypatch):
+    """Force one slot kernel at every site and count its calls: "gathered" (one bmm pair
+    over gathered factors: a tiny model is below its CPU cost rule) or "segmented" (two
+    matmuls per run of rows on views of the slots, in place)."""
     calls = []
+    if request.param == "gathered":
+        monkeypatch.setattr(slots, "CPU_ELEMENTS_PER_ADAPTER", 10**12)
+        monkeypatch.setattr(slots, "SEGMENTED_RUNS_PER_ADAPTER", 0)
 
-    def counted(x, rows, bank):
-        calls.append(x.shape[0])
-        return gathered_delta(x, rows, bank)
+        def counted(x, rows, bank):
+            calls.append(x.shape[0])
+            return gathered_delta(x, rows, bank)
 
-    monkeypatch.setattr(routing, "gathered_delta", counted)
+        monkeypatch.setattr(routing, "gathered_delta", counted)
+    else:
+        monkeypatch.setattr(slots, "CPU_ELEMENTS_PER_ADAPTER", 0)
+        monkeypatch.setattr(slots, "SEGMENTED_RUNS_PER_ADAPTER", 10**9)
+
+        def counted_in_place(y, x, pieces, bank):
+            calls.append(x.shape[0])
+            return segmented_add_(y, x, pieces, bank)
+
+        monkeypatch.setattr(routing, "segmented_add_", counted_in_place)
     return calls
 
 
@@ -91,6 +111,42 @@ def test_gathered_kernel_equals_the_plain_loop_and_each_layer():
         assert (got[i] - want).abs().max().item() <= TOL
     bank.clear(3)
     assert gathered_delta(x[5:6], slots[5:6], bank).abs().max().item() == 0.0
+
+
+def test_segmented_kernel_equals_the_plain_loop_in_place():
+    torch.manual_seed(1)
+    d_in, d_out, t = 24, 40, 5
+    base = torch.nn.Linear(d_in, d_out)
+    bank = SlotBank(d_in, d_out, torch.float32, torch.device("cpu"))
+    for s, r in enumerate((1, 3, 8, 5), start=1):  # mixed ranks: each run uses its own
+        layer = LoraLayer(base, r, scaling=2.0 / r, use_dora=False, dtype=torch.float32)
+        torch.nn.init.normal_(layer.lora_B)
+        bank.put(s, layer, capacity=8)
+    per_row = [2, 2, 0, 1, 4, 4, 4, 3, 0, 2]
+    for repeat in (1, 3):  # 3: each row repeated, as generation's beams
+        slots = torch.tensor(per_row).repeat_interleave(repeat)
+        x = torch.randn(len(slots), t, d_in)
+        y0 = torch.randn(len(slots), t, d_out)
+        y = y0.clone()
+        runs = slot_runs(per_row, repeat)
+        assert [s for _, _, s in runs] == [2, 1, 4, 3, 2]  # slot-0 rows are not runs
+        segmented_add_(y, x, run_pieces(runs, len(slots), t), bank)
+        assert (y - (y0 + looped_delta(x, slots, bank))).abs().max().item() <= TOL
+        assert torch.equal(y[slots == 0], y0[slots == 0])  # untouched, not "+ 0"
+    bank.clear(4)
+    y = y0.clone()
+    segmented_add_(
+        y, x, run_pieces(slot_runs(per_row, 3), len(slots), t), bank
+    )  # a cleared slot adds nothing
+    assert torch.equal(y[slots == 4], y0[slots == 4])
+
+
+def test_slot_runs():
+    assert slot_runs([1, 1, 0, 2, 1, 1]) == [(0, 2, 1), (3, 4, 2), (4, 6, 1)]
+    assert slot_runs([0, 0]) == []
+    assert slot_runs([3, 3, 0], repeat=2) == [(0, 4, 3)]
+    sizes, picks = run_pieces(slot_runs([0, 1, 1, 0, 0, 2]), 6, tokens=4)
+    assert sizes == [4, 8, 8, 4] and picks == [(1, 1), (3, 2)]
 
 
 def test_slot_table_pages_least_recently_used_and_overflows():
@@ -209,6 +265,7 @@ def test_the_cost_rule_loops_over_few_adapters_on_cpu_and_results_agree(monkeypa
     names = ["a", "b", None, "b"]
     with torch.no_grad():
         alone = _alone(model, x, names)
+        monkeypatch.setattr(slots, "SEGMENTED_RUNS_PER_ADAPTER", 0)
         for per_adapter in (0, 10**12):  # 0: the loop at every site (slotted LoRAs skip y's rows)
             monkeypatch.setattr(slots, "CPU_ELEMENTS_PER_ADAPTER", per_adapter)
             routed = out_of(model(input_ids=x, adapter_names=names))

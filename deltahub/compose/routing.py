@@ -11,7 +11,8 @@ into per-adapter pieces.
 Many LoRAs in one batch run as one gathered computation per site instead
 (`deltahub.compose.slots`): the plain LoRAs of the batch sit in stacked slot buffers and
 each row carries a slot index, so a site costs two batched matmuls whatever the number
-of adapters. The per-adapter loop above stays for what cannot be gathered (DoRA,
+of adapters (on a CPU without gradients, two matmuls per run of rows on views of the
+slots, in place: `slots.segmented_add_`). The per-adapter loop above stays for what cannot be gathered (DoRA,
 `lora_bias`, saved heads and biases, embedding LoRA, other methods) and for a site with
 a single gathered adapter (one plain matmul on its rows is cheaper than a gather).
 
@@ -28,7 +29,15 @@ import torch
 from torch import Tensor
 
 from deltahub.compose.blocks import DeltaFn
-from deltahub.compose.slots import SlotBank, gathered_delta, gathered_pays
+from deltahub.compose.slots import (
+    SlotBank,
+    gathered_delta,
+    gathered_pays,
+    run_pieces,
+    segmented_add_,
+    segmented_pays,
+    slot_runs,
+)
 from deltahub.errors import InvalidConfig
 
 Rows = slice | Tensor
@@ -47,6 +56,8 @@ class Route:
         self._cache: dict[tuple[int, torch.device], list[tuple[int, Rows]]] = {}
         self.slots: dict[str, int] = {}  # adapter -> slot (`slots.SlotTable`), set by the model
         self._slot_cache: dict[tuple[int, torch.device], Tensor] = {}
+        self._run_cache: dict[int, list[tuple[int, int, int]]] = {}
+        self._piece_cache: dict[tuple[int, int], Any] = {}
 
     def slot_rows(self, batch: int, device: torch.device) -> Tensor:
         """The slot of each of `batch` rows (0: no gathered adapter), repeated as `groups`."""
@@ -61,6 +72,25 @@ class Route:
             if batch > n:
                 found = found.repeat_interleave(batch // n)
             self._slot_cache[key] = found
+        return found
+
+    def slot_runs(self, batch: int) -> list[tuple[int, int, int]]:
+        """Runs of rows with the same slot (`slots.slot_runs`) in a batch of `batch` rows."""
+        found = self._run_cache.get(batch)
+        if found is None:
+            n = len(self.names)
+            if batch % n:
+                raise InvalidConfig(f"adapter_names has {n} entries but the batch has {batch} rows")
+            per_row = [self.slots.get(m, 0) if m is not None else 0 for m in self.names]
+            found = self._run_cache[batch] = slot_runs(per_row, batch // n)
+        return found
+
+    def run_pieces(self, batch: int, tokens: int) -> Any:
+        """`slots.run_pieces` of this batch's runs, for rows of `tokens` tokens (cached)."""
+        key = (batch, tokens)
+        found = self._piece_cache.get(key)
+        if found is None:
+            found = self._piece_cache[key] = run_pieces(self.slot_runs(batch), batch, tokens)
         return found
 
     def groups(self, batch: int, device: torch.device) -> list[tuple[int, Rows]]:
@@ -104,7 +134,14 @@ def routed_forward(
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         y = base_forward(x, *args, **kwargs)
         todo = fns
-        if bank is not None and gathered_pays(x.shape[0], n_gathered, bank):
+        if bank is not None and _in_place(x, y, bank) and bank.device.type == "cpu":
+            runs = route.slot_runs(x.shape[0])
+            if segmented_pays(runs, n_gathered, bank):
+                todo = rest
+                segmented_add_(
+                    y, x, route.run_pieces(x.shape[0], y.numel() // (x.shape[0] * y.shape[-1])), bank
+                )
+        if todo is fns and bank is not None and gathered_pays(x.shape[0], n_gathered, bank):
             todo = rest
             d = gathered_delta(x, route.slot_rows(x.shape[0], x.device), bank)
             if y.requires_grad or d.requires_grad or y.dtype != d.dtype or not y.is_contiguous():
@@ -137,3 +174,9 @@ def routed_forward(
         return y
 
     return forward
+
+
+def _in_place(x: Tensor, y: Tensor, bank: SlotBank) -> bool:
+    """Whether the gathered adapters' outputs can be added into y in place (no autograd)."""
+    grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+    return not grad and y.dtype == bank.dtype and y.is_contiguous()

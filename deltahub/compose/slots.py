@@ -23,6 +23,14 @@ factors, what this plain loop computes (the reference the tests keep):
 Padding is exact: padded rows of A give zero columns of the intermediate, met by zero
 columns of B.
 
+On a CPU without gradients the same loop runs as written instead, over runs of
+consecutive rows with the same slot (`segmented_add_`): two matmuls per run on views of
+x, y and the slots, added into y in place. The gather copies every row's factors, as
+many elements as the row's activations when the rank equals the row's tokens; the runs
+copy nothing and pay a few microseconds of dispatch per run, which is cheaper on a CPU
+while runs are few per adapter (`segmented_pays`). Per-row routing of 64 rows x 16
+tokens, K = 64 / K = 1: 1.092x (the gather: 1.193x; bench/RESULTS.md).
+
 Which adapter occupies which slot is decided once per forward, for the whole model,
 by `SlotTable` (the same slot at every site): an adapter used by the batch that is not
 in a slot is paged in (its factors copied into that slot at each site; nothing is
@@ -58,6 +66,9 @@ DEFAULT_SLOTS = 64
 # section 0: 64 rows, 512 -> 512, r 16 crosses over near K = 28). On CUDA every op is a
 # kernel launch, so gathering pays from two adapters on.
 CPU_ELEMENTS_PER_ADAPTER = 36_000
+# `segmented_add_` (CPU, no gradients) while the batch's rows come in at most this many
+# runs per gathered adapter; beyond, the per-adapter loop (bench/compose_bench.py).
+SEGMENTED_RUNS_PER_ADAPTER = 2
 
 
 def gatherable(delta: Any) -> bool:
@@ -88,10 +99,18 @@ class SlotBank:
         self.At = torch.zeros(1, d_in, 0, dtype=dtype, device=device)
         self.Bt = torch.zeros(1, 0, d_out, dtype=dtype, device=device)
         self.held: list[tuple[Any, ...] | None] = [None]
+        self.ranks: list[int] = [0]  # the rank in each slot (0: empty), for `segmented_add_`
+        self._views: list[tuple[Tensor, Tensor]] | None = None
 
     @property
     def n_slots(self) -> int:
         return self.At.shape[0] - 1
+
+    def views(self) -> list[tuple[Tensor, Tensor]]:
+        """Per slot, (A^T (d_in, r), s B^T (r, d_out)) over its own rank: views of the buffers."""
+        if self._views is None:
+            self._views = [(self.At[s, :, :r], self.Bt[s, :r]) for s, r in enumerate(self.ranks)]
+        return self._views
 
     def fits(self, layer: Any) -> bool:
         A = layer.lora_A
@@ -108,6 +127,8 @@ class SlotBank:
         Bt[: self.Bt.shape[0], : self.r_max] = self.Bt
         self.At, self.Bt, self.r_max = At, Bt, r
         self.held += [None] * (1 + n - len(self.held))
+        self.ranks += [0] * (1 + n - len(self.ranks))
+        self._views = None
 
     def ensure(self, slot: int, capacity: int, r: int = 0) -> None:
         """Room for slots 1..`slot` (doubling, at most `capacity`) and rank `r`."""
@@ -131,6 +152,8 @@ class SlotBank:
             self.Bt[slot, :r].copy_(layer.lora_B.T)
             self.Bt[slot, :r].mul_(layer.scaling)
         self.held[slot] = sig
+        self.ranks[slot] = r
+        self._views = None
 
     def clear(self, slot: int) -> None:
         """Make `slot` add nothing at this site."""
@@ -138,6 +161,8 @@ class SlotBank:
             self.At[slot].zero_()
             self.Bt[slot].zero_()
             self.held[slot] = None
+            self.ranks[slot] = 0
+            self._views = None
 
 
 def gathered_pays(n_rows: int, k: int, bank: SlotBank) -> bool:
@@ -162,6 +187,75 @@ def gathered_delta(x: Tensor, slots: Tensor, bank: SlotBank) -> Tensor:
     h = torch.bmm(x3, bank.At.index_select(0, slots))  # (n, t, r): x A^T per row
     out = torch.bmm(h, bank.Bt.index_select(0, slots))  # (n, t, d_out): h (s B)^T per row
     return out.reshape(*x.shape[:-1], bank.d_out)
+
+
+def slot_runs(slots: Sequence[int], repeat: int = 1) -> list[tuple[int, int, int]]:
+    """Runs of consecutive rows with the same slot, slot 0 (nothing gathered) left out:
+    [(first row, end row, slot)], in rows of a batch where each entry repeats `repeat`
+    times (`repeat_interleave`, as generation's beams)."""
+    out = []
+    start = 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or slots[i] != slots[start]:
+            if slots[start]:
+                out.append((start * repeat, i * repeat, int(slots[start])))
+            start = i
+    return out
+
+
+def segmented_pays(runs: list[tuple[int, int, int]], k: int, bank: SlotBank) -> bool:
+    """Whether `segmented_add_` over `runs` beats the per-adapter loop for `k` adapters
+    (on a CPU, without gradients): two small ops per run against about five per adapter
+    plus copies of the rows of adapters whose rows are not contiguous."""
+    return k >= 2 and len(runs) <= SEGMENTED_RUNS_PER_ADAPTER * k
+
+
+Pieces = tuple[list[int], list[tuple[int, int]]]
+
+
+def run_pieces(runs: list[tuple[int, int, int]], n_rows: int, tokens: int) -> Pieces:
+    """How `segmented_add_` splits a batch of `n_rows` rows of `tokens` tokens each:
+    (the sizes of consecutive pieces in tokens, covering every row, runs and the gaps
+    between them; [(index of a run's piece, its slot)])."""
+    sizes: list[int] = []
+    picks: list[tuple[int, int]] = []
+    pos = 0
+    for a, b, slot in runs:
+        if a > pos:
+            sizes.append((a - pos) * tokens)
+        picks.append((len(sizes), slot))
+        sizes.append((b - a) * tokens)
+        pos = b
+    if pos < n_rows:
+        sizes.append((n_rows - pos) * tokens)
+    return sizes, picks
+
+
+def segmented_add_(y: Tensor, x: Tensor, pieces: Pieces, bank: SlotBank) -> None:
+    """y += each row's LoRA output, in place, one run of rows at a time.
+
+    For each run (a, b, s) of `slot_runs` (split as `run_pieces`):
+    y[a:b] += (x[a:b] A[s]^T) B[s]^T, two matmuls on views of x, y and the slot buffers,
+    over the slot's own rank (the padding skipped). That is the loop `looped_delta`
+    writes, over runs of rows instead of rows. It copies nothing, where `gathered_delta`
+    copies every row's factors (as many elements as the row's activations when the rank
+    equals its tokens), so on a CPU it is the faster of the two at every row length
+    measured (bench/compose_bench.py, section 0). On CUDA each op is a kernel launch and
+    the gather (one bmm pair) is the one to use.
+
+    y: (n, ..., d_out), contiguous, in the bank's dtype, no gradient; x: (n, ..., d_in).
+    """
+    sizes, picks = pieces
+    x2 = x.reshape(-1, bank.d_in)
+    if x2.dtype != bank.dtype:
+        x2 = x2.to(bank.dtype)
+    xs = x2.split(sizes)
+    ys = y.view(-1, bank.d_out).split(sizes)
+    views = bank.views()
+    for i, slot in picks:
+        At, Bt = views[slot]
+        if At.shape[1]:
+            ys[i].addmm_(xs[i].mm(At), Bt)
 
 
 def looped_delta(x: Tensor, slots: Tensor, bank: SlotBank) -> Tensor:
