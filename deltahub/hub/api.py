@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from deltahub import artifact as af
-from deltahub.errors import InvalidArtifact, InvalidConfig, InvalidRef, NotFound
+from deltahub.errors import InvalidArtifact, InvalidConfig, NotFound
 from deltahub.hub import blobfacts
 from deltahub.hub.responses import MissingBlobs, PayloadTooLarge, StrictJSONResponse, encode_json
 from deltahub.hub.state import HubState, hub_state
@@ -218,36 +218,15 @@ def _commit(
         tags = [check_tag(t) for t in tags]
         artifact = af.load_files(paths)  # the header and schema checks the commit repeats
         blobfacts.check_weights_finite(hub.store, files, paths, facts, artifact.tensors)
-        before = {t: _tagged(reg, name, t) for t in tags}
-        v, created = reg.commit(files, paths, tags)
+        v, created = reg.commit(files, paths, tags, emit=True)  # with its webhook deliveries
     hub.link_blobs(name, list(files.values()))
-    if created:
-        hub.webhooks.emit(
-            "version.published", name, {"version": v.version, "digest": v.digest, "tags": list(v.tags)}
-        )
-    for tag, previous in before.items():
-        if previous != v.version:
-            _emit_tag(hub, name, tag, v.version, previous, v.digest)
+    hub.webhooks.notify()
     return _version_dict(v), created
 
 
-def _tagged(reg: Any, name: str, tag: str) -> str | None:
-    try:
-        return reg.resolve(f"{name}@{tag}").version
-    except (NotFound, InvalidRef):
-        return None
-
-
-def _emit_tag(hub: HubState, name: str, tag: str, version: str, previous: str | None, digest: str) -> None:
-    hub.webhooks.emit(
-        "tag.moved", name, {"tag": tag, "version": version, "previous": previous, "digest": digest}
-    )
-
-
 def _move_tag(hub: HubState, name: str, selector: str, tag: str) -> dict[str, Any]:
-    v, previous = hub.registry_for_thread().tag(name, selector, tag)
-    if previous != v.version:
-        _emit_tag(hub, name, tag, v.version, previous, v.digest)
+    v, _ = hub.registry_for_thread().tag(name, selector, tag, emit=True)
+    hub.webhooks.notify()
     return _version_dict(v)
 
 

@@ -11,20 +11,23 @@ hands each thread its own handle (`handle()`): a SQLite or PostgreSQL connection
 for concurrent use. A handle answers what the routes ask:
 
     list / search / versions / resolve        registry reads (Version objects)
-    commit(files, paths, tags)                record a version whose blobs are stored;
+    commit(files, paths, tags, emit=)         record a version whose blobs are stored;
                                               returns (Version, created)
-    tag(name, selector, tag)                  move a tag; returns (Version, previous version)
+    tag(name, selector, tag, emit=)           move a tag; returns (Version, previous version)
+                                              (`emit`: with the change's webhook deliveries,
+                                              in its transaction)
     tokens                                    create / list / revoke / check (tokens.py)
     link / namespace_uses                     blob links per namespace (state.py)
     checked_key / record_check                the last hash check of a local blob
     hooks / add_hook / remove_hook / deliveries     webhooks and their delivery log
-    enqueue / claim / finish / pending        the durable delivery queue (webhooks.py)
+    claim / finish / pending                  the durable delivery queue (webhooks.py)
     every_version()                           all versions, for `deltahub hub copy`
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -43,6 +46,8 @@ from deltahub.hub.metastore import (
 )
 from deltahub.registry.refs import Ref, check_tag, parse_ref
 from deltahub.registry.version import Version
+
+log = logging.getLogger("deltahub.hub.meta")
 
 __all__ = ["EVENTS", "EmbeddedMeta", "MetaHandle", "MetaStore", "check_pairing", "open_meta", "redact"]
 
@@ -104,12 +109,14 @@ class EmbeddedHandle:
     """A `Registry` and a `TokenStore` (hub.db) on this thread's own connections."""
 
     def __init__(self, home: Path) -> None:
+        from deltahub.hub import hubdb
         from deltahub.hub.tokens import TokenStore
         from deltahub.registry import Registry
 
         self.registry = Registry(home)
         self.tokens = TokenStore(home)
         self.db = self.tokens.db  # hub.db
+        hubdb.prepare_outbox(self.registry.db)
 
     def close(self) -> None:
         self.registry.close()
@@ -131,16 +138,54 @@ class EmbeddedHandle:
     def manifest(self, ref: str | Ref) -> Any:
         return self.registry.manifest(ref)
 
+    # A change with `emit` writes its delivery rows to registry.db's outbox in the registry's
+    # own transaction (joined by the Registry's), then relays them to hub.db (hubdb.py).
     def commit(
-        self, files: dict[str, str], paths: dict[str, Path], tags: Sequence[str]
+        self, files: dict[str, str], paths: dict[str, Path], tags: Sequence[str], *, emit: bool = False
     ) -> tuple[Version, bool]:
-        existed = _exists(self, files, paths)
-        return self.registry.commit(files, tags), not existed
+        from deltahub.registry.db import write_transaction
 
-    def tag(self, name: str, selector: str, tag: str) -> tuple[Version, str | None]:
+        tags = [check_tag(t) for t in tags]
+        with write_transaction(self.registry.db):  # reads before the change under its lock
+            existed = _exists(self, files, paths)
+            name = _manifest(paths).name if emit else ""
+            before = {t: _tagged_version(self, name, t) for t in tags} if emit else {}
+            v = self.registry.commit(files, tags)
+            if emit:
+                self._record_deliveries(v, created=not existed, before=before)
+        if emit:
+            self._relay()
+        return v, not existed
+
+    def tag(self, name: str, selector: str, tag: str, *, emit: bool = False) -> tuple[Version, str | None]:
+        from deltahub.registry.db import write_transaction
+
         check_tag(tag)
-        before = _tagged_version(self, name, tag)
-        return self.registry.tag(f"{name}@{selector}", tag), before
+        with write_transaction(self.registry.db):
+            before = _tagged_version(self, name, tag)
+            v = self.registry.tag(f"{name}@{selector}", tag)
+            if emit:
+                self._record_deliveries(v, created=False, before={tag: before})
+        if emit:
+            self._relay()
+        return v, before
+
+    def _record_deliveries(self, v: Version, *, created: bool, before: dict[str, str | None]) -> None:
+        from deltahub.hub import hubdb
+        from deltahub.hub.webhooks import outbox_rows
+
+        rows = outbox_rows(self.hooks, v.full_name, v, created=created, before=before)
+        if rows:
+            hubdb.add_outbox(self.registry.db, rows)
+
+    def _relay(self) -> None:
+        """Outbox rows to hub.db's deliveries; what fails here waits for the next claim."""
+        from deltahub.hub import hubdb
+
+        try:
+            hubdb.relay(self.registry.db, self.db)
+        except Exception:
+            log.exception("cannot move webhook deliveries to hub.db yet (the next claim will)")
 
     # hub.db
     def link(self, namespace: str, digests: Iterable[str]) -> None:
@@ -206,19 +251,12 @@ class EmbeddedHandle:
                 raise NotFound(f"no webhook with id {hook_id} (see `deltahub webhook list`)")
 
     # The delivery queue: one process per hub.db, but BEGIN IMMEDIATE keeps a claim whole
-    # even if another process shares the file.
-    def enqueue(self, rows: Sequence[dict[str, Any]]) -> None:
-        with self.db.conn:
-            self.db.conn.executemany(
-                "insert into deliveries (hook_id, event, delivery, url, payload, state, ok, attempts, due, at)"
-                " values (?, ?, ?, ?, ?, 'pending', 0, 0, ?, ?)",
-                [
-                    (r["hook_id"], r["event"], r["delivery"], r["url"], r["payload"], r["due"], r["due"])
-                    for r in rows
-                ],
-            )
-
+    # even if another process shares the file. A claim first relays what a change left in
+    # registry.db's outbox (a server that died between the commit and its relay).
     def claim(self, limit: int, lease: float, token: str) -> tuple[list[dict[str, Any]], float | None]:
+        from deltahub.hub import hubdb
+
+        hubdb.relay(self.registry.db, self.db)
         conn, now = self.db.conn, time.time()
         due = "select 1 from deliveries where state = 'pending' and due <= ? limit 1"
         if conn.execute(due, [now]).fetchone() is None:  # idle: no write lock taken
@@ -253,9 +291,15 @@ class EmbeddedHandle:
         return cur.rowcount == 1
 
     def pending(self) -> int:
-        return self.db.execute("select count(*) from deliveries where state = 'pending'").fetchone()[0]
+        from deltahub.hub import hubdb
+
+        waiting = hubdb.unrelayed(self.registry.db, self.db)  # first: a relay may move them meanwhile
+        return (
+            waiting + self.db.execute("select count(*) from deliveries where state = 'pending'").fetchone()[0]
+        )
 
     def deliveries(self, limit: int = 50) -> list[dict[str, Any]]:
+        self._relay()
         cur = self.db.execute(
             f"select {', '.join(DELIVERY_COLUMNS)} from deliveries order by id desc limit ?", [limit]
         )
@@ -274,13 +318,17 @@ class EmbeddedHandle:
 _SOONEST = "select min(due) from deliveries where state = 'pending'"
 
 
-def _exists(h: Any, files: dict[str, str], paths: dict[str, Path]) -> bool:
-    """Whether the version a commit names is already recorded (so the commit adds nothing)."""
+def _manifest(paths: dict[str, Path]) -> Any:
     from deltahub import artifact as af
 
-    manifest = af.Manifest.from_dict(
+    return af.Manifest.from_dict(
         af.read_json_file(paths[af.MANIFEST_FILE], af.MAX_MANIFEST_BYTES, "manifest-json")
     )
+
+
+def _exists(h: Any, files: dict[str, str], paths: dict[str, Path]) -> bool:
+    """Whether the version a commit names is already recorded (so the commit adds nothing)."""
+    manifest = _manifest(paths)
     if manifest.version is None:
         return False
     try:

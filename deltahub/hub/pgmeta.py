@@ -417,9 +417,11 @@ class PgHandle:
 
     @borrowing
     def commit(
-        self, files: dict[str, str], paths: dict[str, Path], tags: Sequence[str]
+        self, files: dict[str, str], paths: dict[str, Path], tags: Sequence[str], *, emit: bool = False
     ) -> tuple[Version, bool]:
-        """Record a version whose blobs are stored (the same files again: a no-op)."""
+        """Record a version whose blobs are stored (the same files again: a no-op).
+
+        With `emit`, its webhook deliveries are written in the same transaction."""
         tags = [check_tag(t) for t in tags]
         artifact = af.load_files(paths)  # the same validation as the embedded registry's commit
         manifest = artifact.manifest
@@ -433,6 +435,7 @@ class PgHandle:
         sizes = {f: paths[f].stat().st_size for f in files}
         with self._tx():
             self._lock_adapter(name)
+            before = {t: self._tagged_version(name, t) for t in tags} if emit else {}
             row = self._row(name, version)
             if row is not None:
                 if row["digest"] != digest:
@@ -472,17 +475,27 @@ class PgHandle:
                 for tag in ("latest", *tags) if newer else tags:
                     self._set_tag(name, tag, row["id"])
                 created = True
-            return self._versions([self.one("select * from versions where id = %s", [row["id"]])])[0], created
+            v = self._versions([self.one("select * from versions where id = %s", [row["id"]])])[0]
+            if emit:
+                self._record_deliveries(v, created=created, before=before)
+            return v, created
 
     @borrowing
-    def tag(self, name: str, selector: str, tag: str) -> tuple[Version, str | None]:
+    def tag(self, name: str, selector: str, tag: str, *, emit: bool = False) -> tuple[Version, str | None]:
         check_tag(tag)
         with self._tx():
             self._lock_adapter(name)
-            before = self._tagged_row(name, tag)
+            before = self._tagged_version(name, tag)
             row = self._resolve_row(f"{name}@{selector}")
             self._set_tag(name, tag, row["id"])
-            return self.resolve(f"{name}@{row['version']}"), before["version"] if before else None
+            v = self.resolve(f"{name}@{row['version']}")
+            if emit:
+                self._record_deliveries(v, created=False, before={tag: before})
+            return v, before
+
+    def _tagged_version(self, name: str, tag: str) -> str | None:
+        row = self._tagged_row(name, tag)
+        return row["version"] if row else None
 
     # ------------------------------------------------------------------ blobs
 
@@ -546,14 +559,19 @@ class PgHandle:
         if self.conn.execute("delete from webhooks where id = %s", [hook_id]).rowcount == 0:
             raise NotFound(f"no webhook with id {hook_id} (see `deltahub webhook list`)")
 
-    # A delivery is one row from its emit on (see webhooks.py): `pending` until delivered or
-    # out of attempts. A claim takes due rows with FOR UPDATE SKIP LOCKED and moves their
-    # `due` past the lease in the same transaction, so no other process takes them until
-    # the claimer finishes or dies.
+    # A delivery is one row from its event on (see webhooks.py): written in the transaction
+    # of the change that makes it, `pending` until delivered or out of attempts. A claim
+    # takes due rows with FOR UPDATE SKIP LOCKED and moves their `due` past the lease in the
+    # same transaction, so no other process takes them until the claimer finishes or dies.
 
-    @borrowing
-    def enqueue(self, rows: Sequence[dict[str, Any]]) -> None:
-        with self._tx(), self.conn.cursor() as cur:
+    def _record_deliveries(self, v: Version, *, created: bool, before: dict[str, str | None]) -> None:
+        """Write a change's delivery rows (webhooks.outbox_rows) in its open transaction."""
+        from deltahub.hub.webhooks import outbox_rows
+
+        rows = outbox_rows(self.hooks, v.full_name, v, created=created, before=before)
+        if not rows:
+            return
+        with self.conn.cursor() as cur:
             cur.executemany(
                 "insert into deliveries (hook_id, event, delivery, url, payload, state, ok, attempts, due, at)"
                 f" values (%s, %s, %s, %s, %s, 'pending', false, 0, {DB_NOW}, %s)",

@@ -19,9 +19,12 @@ lets a receiver refuse replays). Any 2xx is success; anything else, or no answer
 `max_delay`), `attempts` times in all. Every delivery's outcome (status, attempts, last
 error) goes to the delivery log (`deltahub webhook log`).
 
-Deliveries are durable. On emit, one `pending` row per matching hook goes into the hub's
-metadata store (hub.db, or PostgreSQL), holding the exact body; a request that publishes
-or moves a tag only writes those rows, and never waits for a receiver. Worker threads in
+Deliveries are durable. One `pending` row per matching hook, holding the exact body, is
+written in the very transaction that publishes the version or moves the tag (`outbox_rows`;
+PostgreSQL: into `deliveries`; the embedded store: into registry.db's `hub_outbox`, moved
+to hub.db's `deliveries` right after the commit, or by the next claim if the server died
+first): a change that commits has its deliveries, one that rolls back has none. A request
+only writes those rows, and never waits for a receiver. Worker threads in
 every server process claim due rows (PostgreSQL: `SELECT ... FOR UPDATE SKIP LOCKED`,
 so two processes never take the same row), make one attempt each, and record the
 outcome on the row: delivered, failed (out of attempts), or pending again with the next
@@ -43,6 +46,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("deltahub.hub.webhooks")
@@ -61,8 +65,50 @@ def verify_signature(secret: str, body: bytes, header: str | None) -> bool:
     return bool(header) and hmac.compare_digest(sign(secret, body), header or "")
 
 
+def outbox_rows(
+    hooks: Callable[[str, str], list[dict[str, Any]]],
+    name: str,
+    v: Any,
+    *,
+    created: bool,
+    before: dict[str, str | None],
+) -> list[dict[str, Any]]:
+    """The delivery rows a change makes, for its store to write in the change's transaction.
+
+    `v` is the version committed or tagged, `created` whether the commit added it,
+    `before` each tag asked for and the version it named before the change. Events:
+    `version.published` if created, `tag.moved` for each of those tags that moved.
+    `hooks(event, name)` lists the hooks that want an event.
+    """
+    events: list[tuple[str, dict[str, Any]]] = []
+    if created:
+        events.append(("version.published", {"version": v.version, "digest": v.digest, "tags": list(v.tags)}))
+    for tag, previous in before.items():
+        if previous != v.version:
+            events.append(
+                ("tag.moved", {"tag": tag, "version": v.version, "previous": previous, "digest": v.digest})
+            )
+    now = time.time()
+    rows = []
+    for event, data in events:
+        for hook in hooks(event, name):
+            payload = {
+                "event": event,
+                "delivery": str(uuid.uuid4()),
+                "timestamp": now,
+                "adapter": name,
+                **data,
+            }
+            body = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+            rows.append(
+                {"hook_id": hook["id"], "event": event, "delivery": payload["delivery"], "url": hook["url"],
+                 "payload": body, "due": now}
+            )  # fmt: skip
+    return rows
+
+
 class Dispatcher:
-    """Write deliveries to the metadata store on emit; deliver them on background threads.
+    """Deliver the rows the store's changes wrote (`outbox_rows`), on background threads.
 
     `attempts` tries in all, `base_delay * 2**(attempt - 1)` seconds apart (at most
     `max_delay`), each with `timeout` seconds to answer; a claim lasts `lease` seconds
@@ -94,33 +140,10 @@ class Dispatcher:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
 
-    def emit(self, event: str, full_name: str, data: dict[str, Any]) -> None:
-        """Record `event` for every hook that wants it (called after the change committed)."""
-        try:
-            handle = self.meta.handle()
-            now = time.time()
-            rows = []
-            for hook in handle.hooks(event, full_name):
-                payload = {
-                    "event": event,
-                    "delivery": str(uuid.uuid4()),
-                    "timestamp": now,
-                    "adapter": full_name,
-                    **data,
-                }
-                body = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-                rows.append(
-                    {"hook_id": hook["id"], "event": event, "delivery": payload["delivery"], "url": hook["url"],
-                     "payload": body, "due": now}
-                )  # fmt: skip
-            if rows:
-                handle.enqueue(rows)
-        except Exception:
-            log.exception("cannot record webhook deliveries for %s of %s", event, full_name)
-            return
-        if rows:
-            self.start()
-            self._wake.set()
+    def notify(self) -> None:
+        """A change committed (maybe with delivery rows): a worker looks for due rows now."""
+        self.start()
+        self._wake.set()
 
     def start(self) -> None:
         """Start the workers (at server start, so rows a killed server left are delivered)."""
@@ -135,7 +158,7 @@ class Dispatcher:
     def _run(self) -> None:
         token = uuid.uuid4().hex
         while not self._stop.is_set():
-            self._wake.clear()  # before the claim: an emit after it wakes us again
+            self._wake.clear()  # before the claim: a notify after it wakes us again
             try:
                 rows, soonest = self.meta.handle().claim(1, self._lease(), token)
             except Exception:

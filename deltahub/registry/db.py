@@ -218,17 +218,33 @@ def connect_read_only(path: Path) -> Database:
 def write_transaction(db: Database) -> Iterator[Database]:
     """`BEGIN IMMEDIATE` ... `COMMIT`, rolled back on any exception.
 
+    Inside another write_transaction on the same connection it joins that one as a
+    savepoint (the hub records a commit's webhook deliveries in the commit's transaction).
     A full disk or a read-only database becomes `StorageFull` or `ReadOnly`.
     """
     conn = db.conn
+    if getattr(db, "writing", False):
+        conn.execute("SAVEPOINT joined")
+        try:
+            yield db
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK TO joined")
+                conn.execute("RELEASE joined")
+            raise
+        conn.execute("RELEASE joined")
+        return
     try:
         conn.execute("BEGIN IMMEDIATE")
+        db.writing = True  # type: ignore[attr-defined]
         try:
             yield db
         except BaseException:
             if conn.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
                 conn.execute("ROLLBACK")
             raise
+        finally:
+            db.writing = False  # type: ignore[attr-defined]
         try:
             conn.execute("COMMIT")
         except BaseException:
