@@ -1,4 +1,5 @@
-"""Durable webhook deliveries: rows in the metadata store from emit to outcome.
+"""Durable webhook deliveries: rows in the metadata store from their event (written in the
+change's own transaction: tests/test_hub_outbox.py) to their outcome.
 
 Against a receiver on 127.0.0.1 that counts every POST by its `X-Deltahub-Delivery` id:
 a server killed with SIGKILL while deliveries are pending (receiver down, or holding the

@@ -293,7 +293,8 @@ class EmbeddedHandle:
     def pending(self) -> int:
         from deltahub.hub import hubdb
 
-        waiting = hubdb.unrelayed(self.registry.db, self.db)  # first: a relay may move them meanwhile
+        # The outbox first: a relay in between may count a row twice, never zero times.
+        waiting = hubdb.unrelayed(self.registry.db, self.db)
         return (
             waiting + self.db.execute("select count(*) from deliveries where state = 'pending'").fetchone()[0]
         )
