@@ -282,3 +282,29 @@ def test_a_copy_of_the_base_is_not_needed():
         model(input_ids=ids(batch=2), adapter_names=["a", "b"])
     after = base.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # slots copy factors, never the base
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_routes_each_row_as_alone(dtype, gathers):
+    """The dtype side of the GPU paths, run on a CPU: a half-precision base with adapters
+    in its dtype goes through the slot kernels (not a silent fp32 fallback), and every
+    row matches that row run alone, within half-precision rounding of the logits."""
+    model = AdaptedModel(load_base(tiny("llama"), dtype=dtype, device="cpu"))
+    for i, (name, r) in enumerate((("a", 4), ("b", 8), ("c", 2))):
+        model.add_adapter(name, _lora(r, ["q_proj", "v_proj", "down_proj"]))
+        randomize(model.get_adapter(name), seed=20 + i, std=0.1)
+    model.eval()
+    assert model.get_adapter("a").layers[0].lora_A.dtype == dtype
+    names = ["a", "b", None, "c", "a", "b"]
+    x = ids(batch=len(names), length=5)
+    with torch.no_grad():
+        routed = out_of(model(input_ids=x, adapter_names=names)).float()
+        alone = _alone(model, x, names).float()
+        model.deactivate()
+        bare = out_of(model(input_ids=x)).float()
+    assert len(gathers) >= 4  # q, v, down of 2 layers ran through the kernel
+    scale = alone.abs().max().item()
+    tol = 4 * torch.finfo(dtype).eps * scale  # a few roundings of the largest logit
+    assert (routed - alone).abs().max().item() <= tol
+    effect = (alone - bare).abs().max().item()
+    assert effect > 20 * tol  # the adapters change the rows far beyond the tolerance
