@@ -16,7 +16,9 @@ every other round) so that load from other processes hits the variants alike:
   1. unmerged LoRA forward / bare base forward (batch 8 x 128), deltahub and PEFT;
   2. per-row routing, 64 rows x `--seq` tokens, K distinct adapters (row i gets
      adapter i mod K) / the same batch with one adapter, deltahub (`adapter_names`) and
-     PEFT's mixed-batch `adapter_names` forward.
+     PEFT's mixed-batch `adapter_names` forward; and the largest K with the rows
+     shuffled (row i gets adapter perm(i) mod K), where deltahub's slots do not follow
+     the rows and no runs coalesce.
 
 Each figure is the median over rounds of the per-round ratio (paired), in CPU time
 (`time.process_time`, this process only) and wall time; the load average is printed
@@ -247,6 +249,13 @@ def main() -> None:
         rows = [names[i % k] for i in range(64)]
         variants[f"ours{k}"] = lambda rows=rows: ours(input_ids=xr, adapter_names=rows)
         variants[f"peft{k}"] = lambda rows=rows: peft_model(input_ids=xr, adapter_names=rows)
+    # The same K rows in a shuffled order: the adapters' slots no longer follow the rows,
+    # so no runs coalesce into one bmm pair (`slots.run_pieces`): every run is its own matmuls.
+    kmax = ks[-1]
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(2)).tolist()
+    shuffled = [names[perm[i] % kmax] for i in range(64)]
+    variants["ours_shuffled"] = lambda: ours(input_ids=xr, adapter_names=shuffled)
+    variants["peft_shuffled"] = lambda: peft_model(input_ids=xr, adapter_names=shuffled)
     t2 = interleaved(variants, args.rounds)
     print(f"\n2. per-row routing, 64 rows x {args.seq} tokens, K distinct adapters / one adapter (K=1)")
     print(
@@ -259,6 +268,12 @@ def main() -> None:
         print(
             f"| {k} | {med_ms(t2, f'ours{k}')} | {oc:.3f}x ({ow:.3f}x) | {med_ms(t2, f'peft{k}')} | {pc:.3f}x ({pw:.3f}x) |"
         )
+    oc, ow = paired(t2, "ours_shuffled", f"ours{ks[0]}")
+    pc, pw = paired(t2, "peft_shuffled", f"peft{ks[0]}")
+    print(
+        f"| {kmax}, rows shuffled | {med_ms(t2, 'ours_shuffled')} | {oc:.3f}x ({ow:.3f}x) | "
+        f"{med_ms(t2, 'peft_shuffled')} | {pc:.3f}x ({pw:.3f}x) |"
+    )
     dc, dw = paired(t2, f"ours{ks[-1]}", f"peft{ks[-1]}")
     print(f"deltahub / PEFT at K={ks[-1]}: CPU {dc:.3f}x, wall {dw:.3f}x")
     with torch.no_grad():

@@ -35,7 +35,7 @@ def gathers(request, monkeypatch):
     calls = []
     if request.param == "gathered":
         monkeypatch.setattr(slots, "CPU_ELEMENTS_PER_ADAPTER", 10**12)
-        monkeypatch.setattr(slots, "SEGMENTED_RUNS_PER_ADAPTER", 0)
+        monkeypatch.setattr(slots, "SEGMENTED_PIECES_PER_ADAPTER", 0)
 
         def counted(x, rows, bank):
             calls.append(x.shape[0])
@@ -44,7 +44,7 @@ def gathers(request, monkeypatch):
         monkeypatch.setattr(routing, "gathered_delta", counted)
     else:
         monkeypatch.setattr(slots, "CPU_ELEMENTS_PER_ADAPTER", 0)
-        monkeypatch.setattr(slots, "SEGMENTED_RUNS_PER_ADAPTER", 10**9)
+        monkeypatch.setattr(slots, "SEGMENTED_PIECES_PER_ADAPTER", 10**9)
 
         def counted_in_place(y, x, pieces, bank):
             calls.append(x.shape[0])
@@ -113,7 +113,14 @@ def test_gathered_kernel_equals_the_plain_loop_and_each_layer():
     assert gathered_delta(x[5:6], slots[5:6], bank).abs().max().item() == 0.0
 
 
-def test_segmented_kernel_equals_the_plain_loop_in_place():
+@pytest.mark.parametrize(
+    "per_row",
+    [
+        [2, 2, 0, 1, 4, 4, 4, 3, 0, 2],  # runs one by one
+        [1, 2, 3, 4, 0, 3, 4, 2],  # slots 1-4 and 3-4 coalesce: one bmm pair each, ranks padded
+    ],
+)
+def test_segmented_kernel_equals_the_plain_loop_in_place(per_row):
     torch.manual_seed(1)
     d_in, d_out, t = 24, 40, 5
     base = torch.nn.Linear(d_in, d_out)
@@ -122,15 +129,16 @@ def test_segmented_kernel_equals_the_plain_loop_in_place():
         layer = LoraLayer(base, r, scaling=2.0 / r, use_dora=False, dtype=torch.float32)
         torch.nn.init.normal_(layer.lora_B)
         bank.put(s, layer, capacity=8)
-    per_row = [2, 2, 0, 1, 4, 4, 4, 3, 0, 2]
     for repeat in (1, 3):  # 3: each row repeated, as generation's beams
         slots = torch.tensor(per_row).repeat_interleave(repeat)
         x = torch.randn(len(slots), t, d_in)
         y0 = torch.randn(len(slots), t, d_out)
         y = y0.clone()
         runs = slot_runs(per_row, repeat)
-        assert [s for _, _, s in runs] == [2, 1, 4, 3, 2]  # slot-0 rows are not runs
-        segmented_add_(y, x, run_pieces(runs, len(slots), t), bank)
+        assert all(s for _, _, s in runs)  # slot-0 rows are not runs
+        pieces = run_pieces(runs, len(slots), t)
+        assert max(count for _, _, count in pieces[1]) == (4 if per_row[0] == 1 else 1)
+        segmented_add_(y, x, pieces, bank)
         assert (y - (y0 + looped_delta(x, slots, bank))).abs().max().item() <= TOL
         assert torch.equal(y[slots == 0], y0[slots == 0])  # untouched, not "+ 0"
     bank.clear(4)
@@ -146,7 +154,10 @@ def test_slot_runs():
     assert slot_runs([0, 0]) == []
     assert slot_runs([3, 3, 0], repeat=2) == [(0, 4, 3)]
     sizes, picks = run_pieces(slot_runs([0, 1, 1, 0, 0, 2]), 6, tokens=4)
-    assert sizes == [4, 8, 8, 4] and picks == [(1, 1), (3, 2)]
+    assert sizes == [4, 8, 8, 4] and picks == [(1, 1, 1), (3, 2, 1)]
+    # adjacent runs of equal length on consecutive slots coalesce into one piece
+    sizes, picks = run_pieces(slot_runs([2, 3, 4, 0, 1, 1, 2, 2, 5]), 9, tokens=1)
+    assert sizes == [3, 1, 4, 1] and picks == [(0, 2, 3), (2, 1, 2), (3, 5, 1)]
 
 
 def test_slot_table_pages_least_recently_used_and_overflows():
@@ -265,7 +276,7 @@ def test_the_cost_rule_loops_over_few_adapters_on_cpu_and_results_agree(monkeypa
     names = ["a", "b", None, "b"]
     with torch.no_grad():
         alone = _alone(model, x, names)
-        monkeypatch.setattr(slots, "SEGMENTED_RUNS_PER_ADAPTER", 0)
+        monkeypatch.setattr(slots, "SEGMENTED_PIECES_PER_ADAPTER", 0)
         for per_adapter in (0, 10**12):  # 0: the loop at every site (slotted LoRAs skip y's rows)
             monkeypatch.setattr(slots, "CPU_ELEMENTS_PER_ADAPTER", per_adapter)
             routed = out_of(model(input_ids=x, adapter_names=names))

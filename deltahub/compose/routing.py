@@ -135,12 +135,10 @@ def routed_forward(
         y = base_forward(x, *args, **kwargs)
         todo = fns
         if bank is not None and _in_place(x, y, bank) and bank.device.type == "cpu":
-            runs = route.slot_runs(x.shape[0])
-            if segmented_pays(runs, n_gathered, bank):
+            pieces = route.run_pieces(x.shape[0], y.numel() // (x.shape[0] * y.shape[-1]))
+            if segmented_pays(pieces, n_gathered, bank):
                 todo = rest
-                segmented_add_(
-                    y, x, route.run_pieces(x.shape[0], y.numel() // (x.shape[0] * y.shape[-1])), bank
-                )
+                segmented_add_(y, x, pieces, bank)
         if todo is fns and bank is not None and gathered_pays(x.shape[0], n_gathered, bank):
             todo = rest
             d = gathered_delta(x, route.slot_rows(x.shape[0], x.device), bank)

@@ -67,8 +67,9 @@ DEFAULT_SLOTS = 64
 # kernel launch, so gathering pays from two adapters on.
 CPU_ELEMENTS_PER_ADAPTER = 36_000
 # `segmented_add_` (CPU, no gradients) while the batch's rows come in at most this many
-# runs per gathered adapter; beyond, the per-adapter loop (bench/compose_bench.py).
-SEGMENTED_RUNS_PER_ADAPTER = 2
+# pieces (`run_pieces`) per gathered adapter; beyond, the per-adapter loop
+# (bench/compose_bench.py, section 0: one run per adapter 0.58x the loop, 8 runs 1.07x).
+SEGMENTED_PIECES_PER_ADAPTER = 2
 
 
 def gatherable(delta: Any) -> bool:
@@ -189,6 +190,9 @@ def gathered_delta(x: Tensor, slots: Tensor, bank: SlotBank) -> Tensor:
     return out.reshape(*x.shape[:-1], bank.d_out)
 
 
+Pieces = tuple[list[int], list[tuple[int, int, int]]]  # `run_pieces`
+
+
 def slot_runs(slots: Sequence[int], repeat: int = 1) -> list[tuple[int, int, int]]:
     """Runs of consecutive rows with the same slot, slot 0 (nothing gathered) left out:
     [(first row, end row, slot)], in rows of a batch where each entry repeats `repeat`
@@ -203,27 +207,36 @@ def slot_runs(slots: Sequence[int], repeat: int = 1) -> list[tuple[int, int, int
     return out
 
 
-def segmented_pays(runs: list[tuple[int, int, int]], k: int, bank: SlotBank) -> bool:
-    """Whether `segmented_add_` over `runs` beats the per-adapter loop for `k` adapters
-    (on a CPU, without gradients): two small ops per run against about five per adapter
-    plus copies of the rows of adapters whose rows are not contiguous."""
-    return k >= 2 and len(runs) <= SEGMENTED_RUNS_PER_ADAPTER * k
-
-
-Pieces = tuple[list[int], list[tuple[int, int]]]
+def segmented_pays(pieces: Pieces, k: int, bank: SlotBank) -> bool:
+    """Whether `segmented_add_` over `pieces` (`run_pieces`) beats the per-adapter loop
+    for `k` adapters (on a CPU, without gradients): two small ops per piece against
+    about five per adapter plus copies of the rows of adapters whose rows are not
+    contiguous."""
+    return k >= 2 and len(pieces[1]) <= SEGMENTED_PIECES_PER_ADAPTER * k
 
 
 def run_pieces(runs: list[tuple[int, int, int]], n_rows: int, tokens: int) -> Pieces:
     """How `segmented_add_` splits a batch of `n_rows` rows of `tokens` tokens each:
-    (the sizes of consecutive pieces in tokens, covering every row, runs and the gaps
-    between them; [(index of a run's piece, its slot)])."""
+    (the sizes of consecutive pieces in tokens, covering every row: the runs and the gaps
+    between them; [(index of a piece, its first slot, how many runs it holds)]).
+
+    Adjacent runs of equal length whose slots follow each other (s, s + 1, ...: the
+    order the slot table gives adapters paged in together) form one piece, which
+    `segmented_add_` runs as one batched matmul pair on a view of the slots."""
     sizes: list[int] = []
-    picks: list[tuple[int, int]] = []
+    picks: list[tuple[int, int, int]] = []
     pos = 0
     for a, b, slot in runs:
+        if picks and a == pos and sizes[-1] // picks[-1][2] == (b - a) * tokens:
+            i, first, count = picks[-1]
+            if slot == first + count and i == len(sizes) - 1:
+                picks[-1] = (i, first, count + 1)
+                sizes[-1] += (b - a) * tokens
+                pos = b
+                continue
         if a > pos:
             sizes.append((a - pos) * tokens)
-        picks.append((len(sizes), slot))
+        picks.append((len(sizes), slot, 1))
         sizes.append((b - a) * tokens)
         pos = b
     if pos < n_rows:
@@ -236,12 +249,13 @@ def segmented_add_(y: Tensor, x: Tensor, pieces: Pieces, bank: SlotBank) -> None
 
     For each run (a, b, s) of `slot_runs` (split as `run_pieces`):
     y[a:b] += (x[a:b] A[s]^T) B[s]^T, two matmuls on views of x, y and the slot buffers,
-    over the slot's own rank (the padding skipped). That is the loop `looped_delta`
-    writes, over runs of rows instead of rows. It copies nothing, where `gathered_delta`
-    copies every row's factors (as many elements as the row's activations when the rank
-    equals its tokens), so on a CPU it is the faster of the two at every row length
-    measured (bench/compose_bench.py, section 0). On CUDA each op is a kernel launch and
-    the gather (one bmm pair) is the one to use.
+    over the slot's own rank (the padding skipped); k adjacent runs of equal length on
+    slots s .. s + k - 1 as one bmm pair on the view A[s : s + k] (padded ranks: exact
+    zeros). That is the loop `looped_delta` writes, over runs of rows instead of rows. It
+    copies nothing, where `gathered_delta` copies every row's factors (as many elements
+    as the row's activations when the rank equals its tokens), so on a CPU it is the
+    faster of the two at every row length measured (bench/compose_bench.py, section 0).
+    On CUDA each op is a kernel launch and the gather (one bmm pair) is the one to use.
 
     y: (n, ..., d_out), contiguous, in the bank's dtype, no gradient; x: (n, ..., d_in).
     """
@@ -252,7 +266,11 @@ def segmented_add_(y: Tensor, x: Tensor, pieces: Pieces, bank: SlotBank) -> None
     xs = x2.split(sizes)
     ys = y.view(-1, bank.d_out).split(sizes)
     views = bank.views()
-    for i, slot in picks:
+    for i, slot, count in picks:
+        if count > 1:
+            h = torch.bmm(xs[i].view(count, -1, bank.d_in), bank.At[slot : slot + count])
+            ys[i].view(count, -1, bank.d_out).baddbmm_(h, bank.Bt[slot : slot + count])
+            continue
         At, Bt = views[slot]
         if At.shape[1]:
             ys[i].addmm_(xs[i].mm(At), Bt)
