@@ -357,8 +357,10 @@ class AdaptedModel(nn.Module):
             for n, a in zip(route.keys, adapters, strict=True)
             if any(gatherable(a.delta_at(p)) for p in a.paths if p in paths)
         ]
-        if len(names) < 2:
-            return {}  # one adapter: its plain per-adapter matmuls beat a gather
+        if not names:
+            return {}
+        # One adapter gets a slot too: on a CPU its rows then run in place on views of it
+        # (`slots.segmented_add_`); where that does not pay, its own matmuls run instead.
         table = self._slot_table
         if table is None or table.capacity != self.routing_slots:
             table = self._slot_table = SlotTable(self.routing_slots)

@@ -8,13 +8,14 @@ copy); otherwise an index tensor (`index_select` / `index_add_`). The base matmu
 once on the full batch, so the extra cost is the adapters' own small matmuls, split
 into per-adapter pieces.
 
-Many LoRAs in one batch run as one gathered computation per site instead
-(`deltahub.compose.slots`): the plain LoRAs of the batch sit in stacked slot buffers and
-each row carries a slot index, so a site costs two batched matmuls whatever the number
-of adapters (on a CPU without gradients, two matmuls per run of rows on views of the
-slots, in place: `slots.segmented_add_`). The per-adapter loop above stays for what cannot be gathered (DoRA,
-`lora_bias`, saved heads and biases, embedding LoRA, other methods) and for a site with
-a single gathered adapter (one plain matmul on its rows is cheaper than a gather).
+Plain LoRAs run through stacked slot buffers instead (`deltahub.compose.slots`): each
+row carries a slot index, and a site costs two batched matmuls over gathered factors
+whatever the number of adapters (CUDA, autograd), or, on a CPU without gradients, two
+matmuls per run of rows on views of the slots, added in place (`slots.segmented_add_`).
+The per-adapter loop above stays for what cannot be gathered (DoRA, `lora_bias`, saved
+heads and biases, embedding LoRA, other methods) and where the slot paths do not pay
+(`slots.gathered_pays`, `slots.segmented_pays`: a single adapter on CUDA or under
+autograd; on a CPU, adapters whose rows are scattered in many runs).
 
 Generation may repeat each row k times (`num_beams`, `num_return_sequences`, as
 `repeat_interleave`); a site that sees k * n rows expands the grouping to match.

@@ -25,11 +25,13 @@ columns of B.
 
 On a CPU without gradients the same loop runs as written instead, over runs of
 consecutive rows with the same slot (`segmented_add_`): two matmuls per run on views of
-x, y and the slots, added into y in place. The gather copies every row's factors, as
-many elements as the row's activations when the rank equals the row's tokens; the runs
-copy nothing and pay a few microseconds of dispatch per run, which is cheaper on a CPU
-while runs are few per adapter (`segmented_pays`). Per-row routing of 64 rows x 16
-tokens, K = 64 / K = 1: 1.092x (the gather: 1.193x; bench/RESULTS.md).
+x, y and the slots, added into y in place, and one bmm pair on a view of the slots for
+adjacent runs whose slots follow each other (the order the slot table gives adapters
+paged in together). The gather copies every row's factors, as many elements as the
+row's activations when the rank equals the row's tokens; the runs copy nothing and pay
+a few microseconds of dispatch per piece, which is cheaper on a CPU while pieces are
+few per adapter (`segmented_pays`); a single adapter's rows run this way too.
+Figures: bench/RESULTS.md, "compose, issue 19: routing by runs of rows".
 
 Which adapter occupies which slot is decided once per forward, for the whole model,
 by `SlotTable` (the same slot at every site): an adapter used by the batch that is not
@@ -212,7 +214,7 @@ def segmented_pays(pieces: Pieces, k: int, bank: SlotBank) -> bool:
     for `k` adapters (on a CPU, without gradients): two small ops per piece against
     about five per adapter plus copies of the rows of adapters whose rows are not
     contiguous."""
-    return k >= 2 and len(pieces[1]) <= SEGMENTED_PIECES_PER_ADAPTER * k
+    return k >= 1 and len(pieces[1]) <= SEGMENTED_PIECES_PER_ADAPTER * k
 
 
 def run_pieces(runs: list[tuple[int, int, int]], n_rows: int, tokens: int) -> Pieces:
