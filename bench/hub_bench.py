@@ -286,9 +286,9 @@ def team_main(args: argparse.Namespace) -> None:
     lines += [
         "",
         "Reading it: every S3 row goes through moto, a Python emulation of S3 in one process on the same "
-        "2 cores (its CPU is not in the server CPU column); and a commit on S3 fetches the version's blobs "
-        "back to validate the artifact (the embedded store reads them in place). So the rows compare the "
-        "code paths on one machine, not what PostgreSQL + a real object store would sustain.",
+        "2 cores (its CPU is not in the server CPU column); a commit on S3 checks the weights from the facts "
+        "recorded at upload and fetches only the small JSON files back. So the rows compare the code paths "
+        "on one machine, not what PostgreSQL + a real object store would sustain.",
     ]
     lines += ["", f"Checks: errors {errors}; every pulled version's digest checked by `pull`. "
               f"**{'PASS' if not errors else 'FAIL'}**"]  # fmt: skip
