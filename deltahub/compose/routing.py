@@ -60,18 +60,25 @@ class Route:
         self._run_cache: dict[int, list[tuple[int, int, int]]] = {}
         self._piece_cache: dict[tuple[int, int], Any] = {}
 
+    def _repeat(self, batch: int) -> int:
+        """How many times each entry of `names` repeats in a batch of `batch` rows."""
+        n = len(self.names)
+        if batch % n:
+            raise InvalidConfig(f"adapter_names has {n} entries but the batch has {batch} rows")
+        return batch // n
+
+    def _slot_per_name(self) -> list[int]:
+        return [self.slots.get(m, 0) if m is not None else 0 for m in self.names]
+
     def slot_rows(self, batch: int, device: torch.device) -> Tensor:
         """The slot of each of `batch` rows (0: no gathered adapter), repeated as `groups`."""
         key = (batch, device)
         found = self._slot_cache.get(key)
         if found is None:
-            n = len(self.names)
-            if batch % n:
-                raise InvalidConfig(f"adapter_names has {n} entries but the batch has {batch} rows")
-            per_row = [self.slots.get(m, 0) if m is not None else 0 for m in self.names]
-            found = torch.tensor(per_row, dtype=torch.long, device=device)
-            if batch > n:
-                found = found.repeat_interleave(batch // n)
+            k = self._repeat(batch)
+            found = torch.tensor(self._slot_per_name(), dtype=torch.long, device=device)
+            if k > 1:
+                found = found.repeat_interleave(k)
             self._slot_cache[key] = found
         return found
 
@@ -79,11 +86,7 @@ class Route:
         """Runs of rows with the same slot (`slots.slot_runs`) in a batch of `batch` rows."""
         found = self._run_cache.get(batch)
         if found is None:
-            n = len(self.names)
-            if batch % n:
-                raise InvalidConfig(f"adapter_names has {n} entries but the batch has {batch} rows")
-            per_row = [self.slots.get(m, 0) if m is not None else 0 for m in self.names]
-            found = self._run_cache[batch] = slot_runs(per_row, batch // n)
+            found = self._run_cache[batch] = slot_runs(self._slot_per_name(), self._repeat(batch))
         return found
 
     def run_pieces(self, batch: int, tokens: int) -> Any:
@@ -100,10 +103,7 @@ class Route:
         found = self._cache.get(key)
         if found is not None:
             return found
-        n = len(self.names)
-        if batch % n:
-            raise InvalidConfig(f"adapter_names has {n} entries but the batch has {batch} rows")
-        k = batch // n
+        k = self._repeat(batch)
         out: list[tuple[int, Rows]] = []
         for i, name in enumerate(self.keys):
             rows = [j for j, m in enumerate(self.names) if m == name]
