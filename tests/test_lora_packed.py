@@ -73,3 +73,62 @@ def test_under_autograd_the_factors_get_gradients():
     assert layer.lora_A.grad is not None and layer.lora_A.grad.abs().max().item() > 0
     assert layer.lora_B.grad is not None and layer.lora_B.grad.abs().max().item() > 0
     _close(out.detach(), _dense(model, reference_base, x))
+
+
+def _fused_step(params: list[torch.nn.Parameter]) -> None:
+    """One step of torch's fused AdamW (transformers' Trainer default), which updates the
+    parameters in place without bumping their version counters."""
+    before = [p._version for p in params]
+    opt = torch.optim.AdamW(params, lr=0.05, fused=True)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert [p._version for p in params] == before  # the premise: versions do not move
+
+
+def test_trainable_factors_updated_by_a_fused_optimizer_are_never_stale():
+    model, reference_base = _model()  # add_adapter: trainable factors
+    x = ids(batch=2, length=6)
+    model.activate("a")
+    with torch.no_grad():
+        first = out_of(model(input_ids=x))
+    _fused_step(list(model.get_adapter("a").parameters()))
+    with torch.no_grad():
+        after = out_of(model(input_ids=x))
+    _close(after, _dense(model, reference_base, x))
+    assert (after - first).abs().max().item() > 1e-3
+
+
+def test_dora_norm_follows_a_fused_optimizer_step():
+    base = tiny("llama")
+    model = AdaptedModel(load_base(base, device="cpu"))
+    model.add_adapter(
+        "d", {"method": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "use_dora": True}
+    )
+    layer = model.get_adapter("d").layers[0]
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.2)
+    layer.weight_norm()  # cached once
+    _fused_step([layer.lora_A, layer.lora_B])
+    w = layer.base_layer.weight
+    want = torch.linalg.norm(w + layer.scaling * layer.lora_B @ layer.lora_A, dim=1)
+    assert (layer.weight_norm() - want).abs().max().item() <= 1e-5
+
+
+def test_routed_slots_follow_a_fused_optimizer_step():
+    model, _ = _model()
+    model.add_adapter("b", {"method": "lora", "r": 2, "lora_alpha": 4, "target_modules": TARGETS})
+    with torch.no_grad():
+        for p in model.get_adapter("b").parameters():
+            p.normal_(0, 0.2)
+    x = ids(batch=2, length=6)
+    names = ["a", "b"]
+    with torch.no_grad():
+        model(input_ids=x, adapter_names=names)  # pages both into slots
+    _fused_step(list(model.get_adapter("a").parameters()))
+    with torch.no_grad():
+        routed = out_of(model(input_ids=x, adapter_names=names))
+        model.activate("a")
+        alone = out_of(model(input_ids=x[:1]))
+        model.deactivate()
+    _close(routed[:1], alone)

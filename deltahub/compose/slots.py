@@ -86,8 +86,13 @@ def gatherable(delta: Any) -> bool:
     return not (torch.is_grad_enabled() and (A.requires_grad or B.requires_grad))
 
 
-def _signature(layer: Any) -> tuple[Any, ...]:
+def _signature(layer: Any) -> tuple[Any, ...] | None:
+    """What a slot's copy of `layer` depends on; None (copy again at every use) for
+    trainable factors, which an optimizer may update in place without bumping their
+    version counter (torch's fused AdamW, transformers' Trainer default)."""
     A, B = layer.lora_A, layer.lora_B
+    if A.requires_grad or B.requires_grad:
+        return None
     return (id(layer), id(A), id(B), A._version, B._version, layer.scaling)
 
 
@@ -144,7 +149,7 @@ class SlotBank:
     def put(self, slot: int, layer: Any, capacity: int) -> None:
         """Copy `layer`'s factors into `slot` (1-based) unless it already holds them."""
         sig = _signature(layer)
-        if slot < len(self.held) and self.held[slot] == sig:
+        if sig is not None and slot < len(self.held) and self.held[slot] == sig:
             return
         self.ensure(slot, capacity, layer.lora_A.shape[0])
         r = layer.lora_A.shape[0]
@@ -154,7 +159,7 @@ class SlotBank:
             self.Bt[slot].zero_()
             self.Bt[slot, :r].copy_(layer.lora_B.T)
             self.Bt[slot, :r].mul_(layer.scaling)
-        self.held[slot] = sig
+        self.held[slot] = sig if sig is not None else ("trainable", id(layer))  # never matches
         self.ranks[slot] = r
         self._views = None
 

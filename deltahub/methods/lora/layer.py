@@ -89,17 +89,21 @@ class LoraLayer(SiteDelta):
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def weight_norm(self) -> Tensor:
-        """||W + s B A|| per output row, detached, cached until W, A or B change."""
+        """||W + s B A|| per output row, detached; cached while W, A and B are frozen and
+        unchanged. Trainable factors are read every call: an optimizer may update them in
+        place without bumping their version counter (torch's fused AdamW, the default of
+        transformers' Trainer, does not), so a version-keyed cache would go stale."""
         p = self.base_layer.weight
-        key = (
+        trainable = p.requires_grad or self.lora_A.requires_grad or self.lora_B.requires_grad
+        key = None if trainable else (
             id(p),
             p._version,
             self.lora_A._version,
             self.lora_B._version,
             id(self.lora_A),
             id(self.lora_B),
-        )
-        if self._norm is None or key != self._norm_key:
+        )  # fmt: skip
+        if self._norm is None or key is None or key != self._norm_key:
             # Read W only on a miss: for a quantized base that is a full dequantization.
             w = dequantized_weight(self.base_layer)
             with torch.no_grad():
@@ -137,7 +141,8 @@ class LoraLayer(SiteDelta):
         # Frozen factors, transposed and contiguous with the scaling folded in (A^T, s B^T):
         # the two skinny matmuls then read them row by row (bench/RESULTS.md: 1-2 points of
         # a 512 x 512 site's time each). Kept while this forward is installed, remade when
-        # a factor changes.
+        # a factor's version changes; never for trainable factors, which an optimizer may
+        # update in place without a version bump (torch's fused AdamW).
         packed: dict[str, Any] = {}
 
         def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -146,7 +151,7 @@ class LoraLayer(SiteDelta):
             if x.dtype != A.dtype:
                 x = x.to(A.dtype)
             B = layer.lora_B
-            frozen = not (torch.is_grad_enabled() and (A.requires_grad or B.requires_grad or y.requires_grad))
+            frozen = not (A.requires_grad or B.requires_grad or (torch.is_grad_enabled() and y.requires_grad))
             if frozen and y.is_contiguous() and y.dtype == B.dtype:
                 key = (id(A), id(B), A._version, B._version, layer.scaling)
                 if packed.get("key") != key:
