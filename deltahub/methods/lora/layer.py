@@ -138,32 +138,15 @@ class LoraLayer(SiteDelta):
         if self.use_dora or self.lora_B_bias is not None:
             return super().single(base_forward)
         layer = self
-        # Frozen factors, transposed and contiguous with the scaling folded in (A^T, s B^T):
-        # the two skinny matmuls then read them row by row (bench/RESULTS.md: 1-2 points of
-        # a 512 x 512 site's time each). Kept while this forward is installed, remade when
-        # a factor's version changes; never for trainable factors, which an optimizer may
-        # update in place without a version bump (torch's fused AdamW).
-        packed: dict[str, Any] = {}
 
         def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
             y = base_forward(x, *args, **kwargs)
             A = layer.lora_A
             if x.dtype != A.dtype:
                 x = x.to(A.dtype)
-            B = layer.lora_B
-            frozen = not (A.requires_grad or B.requires_grad or (torch.is_grad_enabled() and y.requires_grad))
-            if frozen and y.is_contiguous() and y.dtype == B.dtype:
-                key = (id(A), id(B), A._version, B._version, layer.scaling)
-                if packed.get("key") != key:
-                    with torch.no_grad():
-                        packed["At"] = A.t().contiguous()
-                        packed["Bt"] = (B * layer.scaling).t().contiguous()
-                    packed["key"] = key
-                h = torch.mm(x.reshape(-1, x.shape[-1]), packed["At"])  # (tokens, r)
-                y.view(-1, y.shape[-1]).addmm_(h, packed["Bt"])  # y += h (s B)^T, in the GEMM
-                return y
             h = F.linear(layer.dropped(x), A)  # (..., r)
             h.mul_(layer.scaling)
+            B = layer.lora_B
             if y.requires_grad or h.requires_grad or not y.is_contiguous() or y.dtype != B.dtype:
                 return y + F.linear(h, B).to(y.dtype)
             # y += h B^T inside the GEMM (beta=1): no extra pass over the output.
